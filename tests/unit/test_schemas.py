@@ -1,0 +1,209 @@
+"""Request validation at the edge, and conversion to engine parameters."""
+
+import json
+
+import pytest
+
+from trioserve.api.errors import BadRequest
+from trioserve.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_chat_request,
+    parse_completion_request,
+)
+from trioserve.engine.params import GenerationRequest, SamplingParams
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields) -> ChatCompletionRequest:
+    return parse_chat_request(json.dumps({"messages": MSG, **fields}).encode())
+
+
+GOOD_CHAT = [
+    {"messages": MSG, "n": 1},
+    {"messages": MSG, "stop": "x"},
+    {"messages": MSG, "stop": ["a", "b", "c", "d"]},
+    {"messages": MSG, "unknown_field": {"x": 1}, "logit_bias": {"1": 2}},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]},
+    {"messages": [{"role": "developer", "content": "be brief"}, *MSG]},
+    {
+        "messages": MSG,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "tool_choice": "auto",
+    },
+    {"messages": MSG, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+    {"messages": MSG, "response_format": {"type": "json_object"}},
+    {"messages": MSG, "temperature": 0, "top_p": 1, "presence_penalty": -2, "seed": 3},
+    {"messages": MSG, "stream": True, "stream_options": {"include_usage": True}},
+    {"messages": [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}]},
+]
+
+
+@pytest.mark.parametrize("body", GOOD_CHAT)
+def test_good_chat(body):
+    assert isinstance(parse_chat_request(json.dumps(body).encode()), ChatCompletionRequest)
+
+
+BAD_CHAT = [
+    ({"messages": MSG, "n": 2}, "n", "only n=1 is supported"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages.0.role", "messages.0.role"),
+    ({}, "messages", "messages: Field required"),
+    ({"messages": []}, "messages", "messages"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages.0.content",
+        "only text content is supported",
+    ),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content", "messages.0.content"),
+    ({"messages": MSG, "temperature": 3}, "temperature", "temperature"),
+    ({"messages": MSG, "top_p": 0}, "top_p", "top_p"),
+    ({"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"messages": MSG, "stop": [""]}, "stop", "must not be empty"),
+    ({"messages": MSG, "stop": 5}, "stop", "stop"),
+    ({"messages": MSG, "max_tokens": 0}, "max_tokens", "max_tokens"),
+    ({"messages": MSG, "max_completion_tokens": 0}, "max_completion_tokens", "max_compl"),
+    ({"messages": MSG, "presence_penalty": 2.5}, "presence_penalty", "presence_penalty"),
+    ({"messages": MSG, "top_logprobs": 21}, "top_logprobs", "top_logprobs"),
+]
+
+
+@pytest.mark.parametrize("body,param,needle", BAD_CHAT)
+def test_bad_chat(body, param, needle):
+    with pytest.raises(BadRequest) as info:
+        parse_chat_request(json.dumps(body).encode())
+    assert info.value.status == 400
+    assert info.value.param == param
+    assert needle in info.value.message
+
+
+@pytest.mark.parametrize(
+    "raw,needle",
+    [
+        (b"{not json", "Invalid JSON body"),
+        (b"", "empty"),
+        (b'{"messages": NaN}', "Invalid JSON body"),
+        (b"\xff\xfe\xfa", "Invalid JSON body"),
+        (b"[1, 2]", "must be a JSON object"),
+        (b'"hi"', "must be a JSON object"),
+    ],
+)
+def test_bad_body(raw, needle):
+    with pytest.raises(BadRequest) as info:
+        parse_chat_request(raw)
+    assert info.value.status == 400 and needle in info.value.message
+
+
+def test_template_dicts():
+    req = chat(
+        messages=[
+            {"role": "developer", "content": "sys"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]},
+            {"role": "tool", "content": "42", "tool_call_id": "c1"},
+        ]
+    )
+    assert req.template_messages() == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1"}]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+    ]
+
+
+def test_max_tokens():
+    assert chat().max_new_tokens(512) == 512
+    assert chat(max_tokens=10).max_new_tokens(512) == 10
+    assert chat(max_tokens=10_000).max_new_tokens(512) == 10_000  # context checked elsewhere
+    assert chat(max_tokens=10, max_completion_tokens=20).max_new_tokens(512) == 20
+
+
+def test_stop_strings():
+    assert chat().stop_strings() == ()
+    assert chat(stop="x").stop_strings() == ("x",)
+    assert chat(stop=["a", "b"]).stop_strings() == ("a", "b")
+
+
+def test_sampling_defaults():
+    assert chat().sampling_params() == SamplingParams(temperature=1.0, top_p=1.0)
+    assert chat().sampling_params(default_temperature=0.0).temperature == 0.0
+    assert chat(temperature=0).sampling_params(default_temperature=0.7).temperature == 0.0
+
+
+def test_sampling_values():
+    p = chat(
+        temperature=0.5,
+        top_p=0.9,
+        seed=7,
+        presence_penalty=1,
+        frequency_penalty=-1,
+        logprobs=True,
+        top_logprobs=3,
+    ).sampling_params()
+    assert p == SamplingParams(0.5, 0.9, 7, 1.0, -1.0, logprobs=True, top_logprobs=3)
+
+
+def test_chat_logprobs_flags():
+    assert (chat().want_logprobs, chat().top_logprobs_count) == (False, 0)
+    assert chat(top_logprobs=5).top_logprobs_count == 0  # needs logprobs=true
+    assert (chat(logprobs=True).want_logprobs, chat(logprobs=True).top_logprobs_count) == (True, 0)
+
+
+def test_include_usage():
+    assert chat().include_usage is False
+    assert chat(stream=True, stream_options={"include_usage": True}).include_usage is True
+
+
+def test_generation_request():
+    req = chat(max_tokens=5, stop="\n", temperature=0).generation_request(
+        (1, 2, 3), default_max_tokens=100, request_id="r1"
+    )
+    assert req == GenerationRequest(
+        prompt_tokens=(1, 2, 3),
+        max_tokens=5,
+        stop=("\n",),
+        sampling=SamplingParams(temperature=0.0),
+        request_id="r1",
+    )
+
+
+def completion(**fields) -> CompletionRequest:
+    return parse_completion_request(json.dumps(fields).encode())
+
+
+@pytest.mark.parametrize(
+    "prompt,expected",
+    [("hi", "hi"), (["hi"], "hi"), ([1, 2], [1, 2]), ([[1, 2]], [1, 2]), ("", "")],
+)
+def test_completion_prompt_forms(prompt, expected):
+    assert completion(prompt=prompt).prompt == expected
+
+
+@pytest.mark.parametrize(
+    "fields,needle",
+    [
+        ({"prompt": ["a", "b"]}, "only one prompt is supported"),
+        ({"prompt": [[1], [2]]}, "only one prompt is supported"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [True]}, "prompt"),
+        ({"prompt": [-1]}, "prompt"),
+        ({}, "prompt: Field required"),
+        ({"prompt": "x", "logprobs": 6}, "logprobs"),
+        ({"prompt": "x", "n": 2}, "only n=1 is supported"),
+    ],
+)
+def test_bad_completion(fields, needle):
+    with pytest.raises(BadRequest) as info:
+        completion(**fields)
+    assert info.value.status == 400 and needle in info.value.message
+
+
+def test_completion_logprobs_and_extras():
+    req = completion(prompt="x", logprobs=0, echo=True, suffix="s", best_of=3)
+    assert (req.want_logprobs, req.top_logprobs_count) == (True, 0)
+    assert completion(prompt="x", logprobs=3).sampling_params().top_logprobs == 3
+    assert completion(prompt="x").want_logprobs is False
+    assert req.echo is True and req.suffix == "s"

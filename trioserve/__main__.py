@@ -1,0 +1,3 @@
+from trioserve.cli import main
+
+raise SystemExit(main())

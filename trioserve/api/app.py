@@ -1,0 +1,182 @@
+"""``create_app``: the Quart-Trio application, its error handling, auth and CORS.
+
+The engine is a task of the lifespan nursery (``app.nursery``), the server-owned scope that
+outlives every request: it starts when serving starts and is cancelled, worker thread and
+all, when serving stops. ``/health`` answers 503 until the model is loaded.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from trioserve.api.errors import (
+    ApiError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    as_api_error,
+)
+from trioserve.api.routes import routes
+from trioserve.api.state import AppState, app_state
+from trioserve.config import ServerConfig
+from trioserve.engine.scheduler import Engine, EngineConfig
+
+log = logging.getLogger("trioserve.api")
+
+CORS_METHODS = "GET, POST, OPTIONS"
+PUBLIC_PATHS = {"/health"}
+
+
+def create_app(config: ServerConfig | None = None, engine: Engine | None = None) -> QuartTrio:
+    """Build the app. With no arguments, configure from ``TRIOSERVE_*`` environment variables
+    (the ``hypercorn --worker-class trio 'trioserve.app:create_app()'`` launch)."""
+    from trioserve.models.loading import load_model, model_context_length
+    from trioserve.models.registry import default_model_name, resolve_model
+
+    config = config or ServerConfig.from_env()
+    model_dir = resolve_model(str(config.model) if config.model else None, dtype=config.dtype)
+    if engine is None:
+        engine = Engine(
+            EngineConfig(
+                load=lambda: load_model(model_dir),
+                parallel=config.parallel,
+                prefill_step_size=config.prefill_step_size,
+            )
+        )
+    model_id = config.served_model_name or (
+        default_model_name() if config.model is None else model_dir.name
+    )
+    app = QuartTrio("trioserve")
+    app.config["RESPONSE_TIMEOUT"] = None  # streams end when generation does, not at 60 s
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.extensions["trioserve"] = AppState(
+        config=config,
+        engine=engine,
+        model_id=model_id,
+        context_length=model_context_length(model_dir),
+        created=int(time.time()),
+    )
+    app.register_blueprint(routes)
+    _install_error_handlers(app)
+    _install_auth_and_cors(app, config)
+
+    @app.before_serving
+    async def start_engine() -> None:
+        app.nursery.start_soon(_run_engine, app)
+
+    return app
+
+
+async def _run_engine(app: QuartTrio) -> None:
+    state: AppState = app.extensions["trioserve"]
+    from trioserve.blas import log_blas_report
+
+    log_blas_report(logging.getLogger("trioserve"))
+    try:
+        await state.engine.run()
+    except Exception as exc:
+        # /health turns to 503 with the reason; requests get it too. Never silent.
+        state.load_error = f"the model engine stopped: {exc}"
+        log.critical("%s", state.load_error, exc_info=True)
+        on_failure = state.extras.get("on_engine_failure")
+        if callable(on_failure):
+            on_failure(state.load_error)
+
+
+def _error_response(err: ApiError) -> Response:
+    response = Response(_json(err.body()), status=err.status, content_type="application/json")
+    for name, value in err.headers().items():
+        response.headers[name] = value
+    return response
+
+
+def _json(obj: object) -> str:
+    import json
+
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _install_error_handlers(app: QuartTrio) -> None:
+    @app.errorhandler(ApiError)
+    async def api_error(err: ApiError) -> Response:
+        return _error_response(err)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(err: HTTPException) -> Response:
+        if err.code == 404:
+            mapped: ApiError = NotFound(f"Unknown route: {request.method} {request.path}")
+        elif err.code == 405:
+            allowed = getattr(err, "valid_methods", None) or ()
+            mapped = MethodNotAllowed(
+                f"Method {request.method} is not allowed on {request.path}.", allowed=allowed
+            )
+        elif err.code == 413:
+            limit = app.config["MAX_CONTENT_LENGTH"]
+            mapped = PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+        else:
+            mapped = ApiError(err.description or err.name)
+            mapped.status = err.code or 500
+            mapped.type = "invalid_request_error" if mapped.status < 500 else "server_error"
+        return _error_response(mapped)
+
+    @app.errorhandler(Exception)
+    async def unexpected(err: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error_response(as_api_error(err))
+
+
+def _install_auth_and_cors(app: QuartTrio, config: ServerConfig) -> None:
+    origins = set(config.cors_origins)
+
+    def allowed_origin() -> str | None:
+        origin = request.headers.get("Origin")
+        if not origins or origin is None:
+            return None
+        if "*" in origins:
+            return "*"
+        return origin if origin in origins else None
+
+    @app.before_request
+    async def preflight_and_auth() -> Response | None:
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+            response = Response("", status=204)
+            origin = allowed_origin()
+            if origin is not None:
+                # Reflect the asked-for headers: SDKs send X-Stainless-* and friends.
+                asked = request.headers.get("Access-Control-Request-Headers", "")
+                response.headers["Access-Control-Allow-Origin"] = origin
+                response.headers["Access-Control-Allow-Methods"] = CORS_METHODS
+                if asked:
+                    response.headers["Access-Control-Allow-Headers"] = asked
+                response.headers["Access-Control-Max-Age"] = "600"
+                response.headers["Vary"] = "Origin, Access-Control-Request-Headers"
+            return response
+        if config.api_key and request.path not in PUBLIC_PATHS:
+            given = request.headers.get("Authorization", "")
+            scheme, _, token = given.partition(" ")
+            ok = scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode(), config.api_key.encode()
+            )
+            if not ok:
+                raise Unauthorized(
+                    "Missing API key." if not given else "Invalid API key.",
+                )
+        return None
+
+    @app.after_request
+    async def cors_headers(response: Response) -> Response:
+        origin = allowed_origin()
+        if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
+
+
+__all__ = ["app_state", "create_app"]

@@ -1,0 +1,305 @@
+"""Request models for the OpenAI endpoints: validate at the edge, convert once.
+
+pydantic checks a body against OpenAI's shape and its ranges; the ``sampling_params`` /
+``generation_request`` methods hand the engine plain dataclasses, so nothing below the API sees a
+request dict. Unknown fields are ignored (clients send many we do not use). What we cannot honour
+(n > 1, several prompts, non-text content) is a 400 naming the field, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from trioserve.api.errors import BadRequest, from_validation_error
+from trioserve.engine.params import GenerationRequest, SamplingParams
+
+__all__ = [
+    "MAX_STOP_STRINGS",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "ContentPart",
+    "SamplingRequest",
+    "StreamOptions",
+    "parse_chat_request",
+    "parse_completion_request",
+]
+
+MAX_STOP_STRINGS = 4
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(_Model):
+    """A text content part; the only kind this text-only server accepts."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        # Checked here so a bad part gets one clear message, not one error per union member.
+        if not isinstance(value, list):
+            return value
+        for i, part in enumerate(value):
+            if not isinstance(part, dict):
+                raise ValueError(f"content part {i} must be an object")
+            kind = part.get("type")
+            if kind != "text":
+                raise ValueError(
+                    f"content part {i} has type {kind!r}: only text content is supported"
+                )
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} needs a string 'text'")
+        return value
+
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines; no content is ""."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    def to_template_dict(self) -> dict[str, Any]:
+        """The plain dict a chat template expects; ``developer`` becomes ``system``."""
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls is not None:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Model):
+    """Fields shared by chat and text completions, and their conversion for the engine."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _check_stop(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError("must be a string or a list of strings")
+        if len(items) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
+        if any(s == "" for s in items):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    # Overridden per endpoint: how logprobs are asked for differs.
+    @property
+    def want_logprobs(self) -> bool:
+        return False
+
+    @property
+    def top_logprobs_count(self) -> int:
+        return 0
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def max_new_tokens(self, default_cap: int) -> int:
+        """The request's limit as given (context limits are checked elsewhere), else the cap."""
+        requested = self.requested_max_tokens()
+        return default_cap if requested is None else requested
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def sampling_params(self, default_temperature: float = 1.0) -> SamplingParams:
+        """Engine sampling parameters; ``default_temperature`` applies when none is given
+        (OpenAI's default is 1.0; mlx-lm's server uses 0.0)."""
+        return SamplingParams(
+            temperature=default_temperature if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logprobs=self.want_logprobs,
+            top_logprobs=self.top_logprobs_count,
+        )
+
+    def generation_request(
+        self,
+        prompt_tokens: tuple[int, ...],
+        *,
+        default_max_tokens: int,
+        default_temperature: float = 1.0,
+        request_id: str = "",
+    ) -> GenerationRequest:
+        """Everything the engine needs, once the prompt is templated and tokenized."""
+        return GenerationRequest(
+            prompt_tokens=tuple(prompt_tokens),
+            max_tokens=self.max_new_tokens(default_max_tokens),
+            stop=self.stop_strings(),
+            sampling=self.sampling_params(default_temperature),
+            request_id=request_id,
+        )
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """``POST /v1/chat/completions``. ``tools``/``tool_choice``/``response_format`` are
+    accepted and passed on as given; the server decides what it honours."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def want_logprobs(self) -> bool:
+        return bool(self.logprobs)
+
+    @property
+    def top_logprobs_count(self) -> int:
+        # top_logprobs without logprobs=true is ignored, not an error.
+        return (self.top_logprobs or 0) if self.want_logprobs else 0
+
+    def requested_max_tokens(self) -> int | None:
+        # The newer name wins over the deprecated one.
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.to_template_dict() for m in self.messages]
+
+
+class CompletionRequest(SamplingRequest):
+    """``POST /v1/completions``.
+
+    ``prompt`` is normalized to one string or one list of token ids. ``echo`` and ``suffix`` are
+    accepted and kept; honouring them is up to the server.
+    """
+
+    prompt: str | list[int]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError("must be a string, a list of token ids, or a list of one of those")
+        if _is_token_list(value):
+            return value
+        if len(value) > 1:
+            raise ValueError("only one prompt is supported")
+        only = value[0]
+        if isinstance(only, str) or (isinstance(only, list) and only and _is_token_list(only)):
+            return only
+        raise ValueError("must be a string, a list of token ids, or a list of one of those")
+
+    @property
+    def want_logprobs(self) -> bool:
+        # logprobs=0 still asks for the chosen tokens' logprobs.
+        return self.logprobs is not None
+
+    @property
+    def top_logprobs_count(self) -> int:
+        return self.logprobs or 0
+
+
+def _is_token_list(items: list[Any]) -> bool:
+    return all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in items)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_JSON_KINDS: dict[type, str] = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+_R = TypeVar("_R", bound=SamplingRequest)
+
+
+def _parse(model: type[_R], raw: bytes) -> _R:
+    if not raw.strip():
+        raise BadRequest("Request body is empty: expected a JSON object.")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise BadRequest(f"Invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        kind = _JSON_KINDS.get(type(body), type(body).__name__)
+        raise BadRequest(f"Request body must be a JSON object, not {kind}.")
+    try:
+        return model.model_validate(body)
+    except pydantic.ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
+    """Parse and validate a chat body. Raises ``BadRequest`` (400) naming the bad field."""
+    return _parse(ChatCompletionRequest, raw)
+
+
+def parse_completion_request(raw: bytes) -> CompletionRequest:
+    """Parse and validate a completions body. Raises ``BadRequest`` (400) naming the bad field."""
+    return _parse(CompletionRequest, raw)

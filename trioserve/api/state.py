@@ -1,0 +1,25 @@
+"""What the routes share: the config, the engine and facts about the served model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from quart import current_app
+
+from trioserve.config import ServerConfig
+from trioserve.engine.scheduler import Engine
+
+
+@dataclass
+class AppState:
+    config: ServerConfig
+    engine: Engine
+    model_id: str
+    context_length: int
+    created: int
+    load_error: str | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+def app_state() -> AppState:
+    return current_app.extensions["trioserve"]

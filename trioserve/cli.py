@@ -1,0 +1,205 @@
+"""The ``trioserve`` command line: ``serve`` (default), ``generate``, ``convert``, ``prepare``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from trioserve import __version__
+
+DESCRIPTION = """\
+A local, OpenAI-compatible LLM server on Trio and MLX.
+
+Without a command, `trioserve` runs `serve` on the embedded SmolLM2-135M-Instruct model.
+Point any OpenAI client at http://127.0.0.1:8080/v1 (no API key needed unless --api-key).
+"""
+
+COMMANDS = {"serve", "generate", "convert", "prepare"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trioserve",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"trioserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the HTTP server (the default command)")
+    _add_model_args(serve)
+    _add_serve_args(serve)
+
+    gen = sub.add_parser("generate", help="answer one prompt on the terminal and exit")
+    gen.add_argument("prompt", help="the user message, e.g. 'What is the capital of France?'")
+    _add_model_args(gen)
+    gen.add_argument("--max-tokens", type=int, default=128, help="cap on generated tokens")
+    gen.add_argument(
+        "--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)"
+    )
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampled answers")
+    _add_log_arg(gen, default="warning")
+
+    conv = sub.add_parser(
+        "convert", help="convert a llama-architecture GGUF file into an mlx-lm model directory"
+    )
+    conv.add_argument("gguf", help="the .gguf file (Q4_0, Q4_1, Q8_0, F16 or F32 tensors)")
+    conv.add_argument("out_dir", help="the directory to create; must not exist yet")
+    conv.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+    prep = sub.add_parser("prepare", help="convert the embedded model into the cache, then exit")
+    prep.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="an mlx-lm model directory (config.json, *.safetensors, tokenizer); "
+        "default: the embedded SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="weights' dtype for the embedded model; float32 is fastest on CPUs "
+        "(default: %(default)s)",
+    )
+
+
+def _add_log_arg(p: argparse.ArgumentParser, default: str = "info") -> None:
+    p.add_argument(
+        "--log-level",
+        default=default,
+        choices=["debug", "info", "warning", "error"],
+        help="default: %(default)s",
+    )
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="port to bind (default: %(default)s)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=8,
+        help="sequences decoded together in one batch; more requests wait in a FIFO queue "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=512,
+        help="prompt tokens processed per step; smaller gives finer progress and faster "
+        "cancellation (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=2048,
+        help="generated-token cap for requests that name none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cors",
+        nargs="+",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browsers from these origins ('*' for any); no CORS headers without it",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("TRIOSERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $TRIOSERVE_API_KEY; none)",
+    )
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=2.0,
+        help="seconds between prefill-progress events for clients that opt in with the "
+        "X-SwiftLM-Prefill-Progress header (default: %(default)s)",
+    )
+    p.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=0.0,
+        help="seconds between ': keepalive' SSE comment lines while a stream is silent; "
+        "0 turns them off, the default, for strict clients",
+    )
+    _add_log_arg(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in {"-h", "--help", "--version"}):
+        argv.insert(0, "serve")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "convert":
+        from trioserve.models.gguf import run_convert_cli
+
+        return run_convert_cli(args.gguf, args.out_dir, args.dtype)
+    try:
+        model_dir = _resolve(args)
+    except Exception as exc:  # one line, no traceback, for every model problem
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "prepare":
+        print(model_dir)
+        return 0
+    if args.command == "generate":
+        return _run_generate(args, model_dir)
+    from trioserve.server import run_server
+
+    return run_server(_serve_config(args, model_dir))
+
+
+def _resolve(args: argparse.Namespace) -> Path:
+    from trioserve.models.registry import resolve_model
+
+    return resolve_model(getattr(args, "model", None), dtype=args.dtype)
+
+
+def _run_generate(args: argparse.Namespace, model_dir: Path) -> int:
+    import trio
+
+    from trioserve.blas import log_blas_report
+    from trioserve.oneshot import generate
+
+    log_blas_report(logging.getLogger("trioserve"))
+    return trio.run(
+        lambda: generate(
+            model_dir,
+            args.prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
+    )
+
+
+def _serve_config(args: argparse.Namespace, model_dir: Path):  # -> ServerConfig
+    from trioserve.config import ServerConfig
+
+    del model_dir  # resolved above for a clean error; create_app resolves it again (cached)
+    return ServerConfig(
+        model=args.model,
+        dtype=args.dtype,
+        host=args.host,
+        port=args.port,
+        parallel=args.parallel,
+        prefill_step_size=args.prefill_step_size,
+        max_tokens=args.max_tokens,
+        cors_origins=tuple(args.cors),
+        api_key=args.api_key,
+        heartbeat_interval_s=args.heartbeat_interval,
+        sse_keepalive_s=args.sse_keepalive,
+        log_level=args.log_level,
+    )

@@ -1,0 +1,1 @@
+"""The engine: one MLX worker thread with continuous batching, driven from Trio."""

@@ -1,0 +1,68 @@
+"""Events the engine sends to a request's consumer, in this order:
+
+``PrefillProgress``* → ``TokenDelta``* → exactly one of ``Finished`` or ``Failed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class PrefillProgress:
+    """A chunk of the prompt went through the model: ``processed`` of ``total`` tokens."""
+
+    processed: int
+    total: int
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One generated token and the text it adds (may be "" while bytes are incomplete).
+
+    ``logprob``/``top_logprobs`` are filled only when the request asked for logprobs.
+    """
+
+    token: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Generation ended normally."""
+
+    reason: FinishReason
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The engine could not finish this request; ``message`` is safe to show a client."""
+
+    message: str
+
+
+Event = PrefillProgress | TokenDelta | Finished | Failed

@@ -1,0 +1,41 @@
+"""What a request asks the engine for: plain dataclasses, no HTTP, no MLX."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen.
+
+    ``temperature == 0`` is greedy. ``seed`` gives the request its own random stream, so the
+    same seed gives the same output whatever else shares the batch.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate.
+
+    Args:
+        prompt_tokens: the already templated and tokenized prompt.
+        max_tokens: the cap on generated tokens (> 0).
+        stop: stop strings; the matched text is left out of the output.
+        sampling: sampling parameters.
+        request_id: the id used in logs and responses.
+    """
+
+    prompt_tokens: tuple[int, ...]
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""

@@ -1,0 +1,325 @@
+"""The MLX worker: the one thread that owns the model and the batch.
+
+Theory of operation
+-------------------
+MLX streams are bound to the OS thread that made them, and a thread cannot be cancelled from
+Trio. So one long-lived thread (started by a single ``trio.to_thread.run_sync`` call from
+``Engine.run``) loads the model, builds mlx-lm's ``BatchGenerator`` and drives it for its whole
+life. Nothing else touches MLX state.
+
+Trio talks to it through a thread-safe command queue: ``Submit``, ``Cancel`` and ``Stop``.
+Commands are drained before every step, so a cancelled sequence is removed from the batch
+before the next step runs, and commands keep their order (a cancel is always seen after its
+submit, a slot's old sequence is gone before its new one enters).
+
+Results go back with ``TrioToken.run_sync_soon``, once per step: the worker never waits for
+the Trio loop, and the Trio side keeps the only references to request channels.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+
+from trioserve.engine.events import (
+    Event,
+    Failed,
+    Finished,
+    PrefillProgress,
+    TokenDelta,
+    TopLogprob,
+    Usage,
+)
+from trioserve.engine.params import GenerationRequest
+from trioserve.engine.sampling import make_request_processors, make_request_sampler
+from trioserve.engine.text import StopStringFilter
+
+log = logging.getLogger(__name__)
+
+
+class Ticket:
+    """Identity of one submitted request, shared by both sides (compared by identity)."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+
+
+@dataclass(frozen=True)
+class Submit:
+    ticket: Ticket
+
+
+@dataclass(frozen=True)
+class Cancel:
+    ticket: Ticket
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """What the worker holds after its latest step; read by health checks and tests."""
+
+    in_batch: int = 0  # sequences inside mlx-lm's BatchGenerator (queued, prefill, decode)
+    tracked: int = 0  # sequences the worker is producing events for
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    failures: int = 0
+
+
+# Called on the Trio thread with the step's events and the state after the step.
+Deliver = Callable[[list[tuple[Ticket, Event]], WorkerSnapshot], None]
+FaultHook = Callable[[str, GenerationRequest], None]
+
+
+@dataclass
+class _Sequence:
+    ticket: Ticket
+    uid: int
+    detokenizer: Any
+    stops: StopStringFilter
+    prompt_len: int
+    generated: int = 0
+
+
+@dataclass
+class WorkerConfig:
+    parallel: int
+    prefill_step_size: int
+    # Tests only: called with ("prefill" | "decode", request) before each step that involves
+    # the request; raising simulates a model failure.
+    fault_hook: FaultHook | None = None
+    load: Callable[[], tuple[Any, Any]] = field(default=lambda: (None, None))
+
+
+class Worker:
+    """Runs on the MLX thread. Create it anywhere; call ``run`` on the worker thread only."""
+
+    def __init__(self, config: WorkerConfig, schedule: Callable[..., None]) -> None:
+        self._config = config
+        # ``schedule(fn, *args)`` runs fn on the Trio thread (TrioToken.run_sync_soon).
+        self._schedule = schedule
+        self.commands: queue.SimpleQueue[Submit | Cancel | Stop] = queue.SimpleQueue()
+        self._seqs: dict[int, _Sequence] = {}
+        self._by_ticket: dict[Ticket, _Sequence] = {}
+        self._snapshot = WorkerSnapshot()
+        self._tokenizer: Any = None
+        self._model: Any = None
+        self._gen: BatchGenerator | None = None
+
+    # -- thread entry -------------------------------------------------------------------
+
+    def run(self, on_ready: Callable[[Any], None], deliver: Deliver) -> None:
+        """Load the model, then serve commands until ``Stop``. Blocks the calling thread."""
+        self._model, self._tokenizer = self._config.load()
+        self._gen = self._new_generator()
+        self._warm_up()
+        self._schedule(on_ready, self._tokenizer)
+        try:
+            while self._serve_once(deliver):
+                pass
+        finally:
+            # Whatever is still in flight learns that the engine went away.
+            orphans = [(s.ticket, Failed("the engine stopped")) for s in self._seqs.values()]
+            self._seqs.clear()
+            self._by_ticket.clear()
+            if orphans:
+                self._schedule(deliver, orphans, self._snapshot)
+            self._gen.close()
+
+    def _serve_once(self, deliver: Deliver) -> bool:
+        events: list[tuple[Ticket, Event]] = []
+        changed = False
+        # Block only while there is nothing to compute.
+        block = not self._seqs
+        while True:
+            try:
+                command = self.commands.get(block=block)
+            except queue.Empty:
+                break
+            block = False
+            if isinstance(command, Stop):
+                return False
+            changed = True
+            if isinstance(command, Submit):
+                self._submit(command.ticket, events)
+            else:
+                self._cancel(command.ticket)
+        if self._seqs:
+            self._step(events)
+            changed = True
+        if changed:
+            self._schedule(deliver, events, self._snapshot_now())
+        return True
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _submit(self, ticket: Ticket, events: list[tuple[Ticket, Event]]) -> None:
+        req = ticket.request
+        try:
+            sampler = make_request_sampler(req.sampling)
+            processors = make_request_processors(req.sampling)
+            (uid,) = self._gen.insert(
+                [list(req.prompt_tokens)],
+                max_tokens=[req.max_tokens],
+                samplers=[sampler],
+                logits_processors=[processors],
+            )
+        except Exception as exc:  # a bad request must not take the worker down
+            log.exception("request %s could not enter the batch", req.request_id)
+            events.append((ticket, Failed(f"could not start generation: {exc}")))
+            return
+        seq = _Sequence(
+            ticket=ticket,
+            uid=uid,
+            detokenizer=self._tokenizer.detokenizer,
+            stops=StopStringFilter(req.stop),
+            prompt_len=len(req.prompt_tokens),
+        )
+        self._seqs[uid] = seq
+        self._by_ticket[ticket] = seq
+
+    def _cancel(self, ticket: Ticket) -> None:
+        seq = self._by_ticket.get(ticket)
+        if seq is not None:
+            self._drop(seq)
+
+    def _drop(self, seq: _Sequence) -> None:
+        self._gen.remove([seq.uid])
+        self._seqs.pop(seq.uid, None)
+        self._by_ticket.pop(seq.ticket, None)
+
+    # -- one step -----------------------------------------------------------------------
+
+    def _step(self, events: list[tuple[Ticket, Event]]) -> None:
+        try:
+            self._run_fault_hook()
+            prompt_responses, generation_responses = self._gen.next()
+        except Exception as exc:
+            self._fail_all(exc, events)
+            return
+        for r in prompt_responses:
+            seq = self._seqs.get(r.uid)
+            if seq is not None:
+                events.append((seq.ticket, PrefillProgress(*r.progress)))
+        for r in generation_responses:
+            seq = self._seqs.get(r.uid)
+            if seq is not None:
+                self._on_token(seq, r, events)
+
+    def _run_fault_hook(self) -> None:
+        hook = self._config.fault_hook
+        if hook is None:
+            return
+        for seq in list(self._seqs.values()):
+            hook("decode" if seq.generated else "prefill", seq.ticket.request)
+
+    def _on_token(self, seq: _Sequence, r: Any, events: list[tuple[Ticket, Event]]) -> None:
+        seq.generated += 1
+        is_eos = r.token in self._tokenizer.eos_token_ids
+        reason = r.finish_reason
+        if not is_eos:
+            seq.detokenizer.add_token(r.token)
+        if reason is not None:
+            seq.detokenizer.finalize()
+        text = seq.stops.feed(seq.detokenizer.last_segment)
+        if seq.stops.stopped:
+            reason = "stop"
+        elif reason is not None:
+            text += seq.stops.flush()
+        req = seq.ticket.request
+        logprob, top = (None, ())
+        if req.sampling.logprobs and not is_eos:
+            logprob, top = self._logprobs(r.token, r.logprobs, req.sampling.top_logprobs)
+        if not (is_eos and not text):
+            events.append((seq.ticket, TokenDelta(r.token, text, logprob, top)))
+        if reason is None:
+            return
+        # An end-of-sequence token is not part of the answer.
+        completion = seq.generated - (1 if is_eos else 0)
+        usage = Usage(prompt_tokens=seq.prompt_len, completion_tokens=completion)
+        events.append((seq.ticket, Finished(reason, usage)))
+        if r.finish_reason is None:
+            self._drop(seq)  # stopped by a stop string: the batch still holds it
+        else:
+            self._seqs.pop(seq.uid, None)
+            self._by_ticket.pop(seq.ticket, None)
+
+    def _logprobs(
+        self, token: int, logprobs: mx.array, top_n: int
+    ) -> tuple[float, tuple[TopLogprob, ...]]:
+        chosen = logprobs[token].item()
+        if top_n <= 0:
+            return chosen, ()
+        ids = mx.argpartition(-logprobs, top_n - 1)[:top_n]
+        values = logprobs[ids].tolist()
+        pairs = sorted(zip(ids.tolist(), values, strict=True), key=lambda p: -p[1])
+        top = tuple(self._top_entry(i, v) for i, v in pairs)
+        return chosen, top
+
+    def _top_entry(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self._tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=logprob, bytes=tuple(text.encode("utf-8")))
+
+    def _fail_all(self, exc: Exception, events: list[tuple[Ticket, Event]]) -> None:
+        """A step raised: fail everything in the batch, then start from a fresh batch."""
+        log.error("model step failed; failing %d request(s): %r", len(self._seqs), exc)
+        for seq in self._seqs.values():
+            events.append((seq.ticket, Failed(f"the model failed during generation: {exc}")))
+        self._seqs.clear()
+        self._by_ticket.clear()
+        self._snapshot = replace(self._snapshot, failures=self._snapshot.failures + 1)
+        self._gen.close()
+        self._gen = self._new_generator()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _new_generator(self) -> BatchGenerator:
+        eos = [[t] for t in sorted(self._tokenizer.eos_token_ids)]
+        return BatchGenerator(
+            self._model,
+            stop_tokens=eos,
+            completion_batch_size=self._config.parallel,
+            prefill_batch_size=self._config.parallel,
+            prefill_step_size=self._config.prefill_step_size,
+        )
+
+    def _warm_up(self) -> None:
+        """One tiny generation so the first real request does not pay for allocation."""
+        started = time.perf_counter()
+        (uid,) = self._gen.insert([[0, 1]], max_tokens=[2])
+        while True:
+            _, generated = self._gen.next()
+            if any(r.uid == uid and r.finish_reason for r in generated):
+                break
+        log.debug("warm-up took %.2f s", time.perf_counter() - started)
+
+    def _snapshot_now(self) -> WorkerSnapshot:
+        stats = self._gen._counters  # mlx-lm keeps running totals here
+        self._snapshot = replace(
+            self._snapshot,
+            in_batch=_batch_size(self._gen),
+            tracked=len(self._seqs),
+            steps=self._snapshot.steps + 1,
+            prompt_tokens=stats.prompt_tokens,
+            generated_tokens=stats.generation_tokens,
+        )
+        return self._snapshot
+
+
+def _batch_size(gen: BatchGenerator) -> int:
+    """Every sequence mlx-lm still holds, at any stage."""
+    return len(gen._unprocessed_sequences) + len(gen._prompt_batch) + len(gen._generation_batch)

@@ -1,0 +1,74 @@
+"""``trioserve serve``: Hypercorn's Trio worker, in-process, around ``create_app``.
+
+Scope tree: ``trio.run`` → ``serve`` nursery → ``hypercorn.trio.serve`` (its lifespan nursery
+owns the engine; each connection owns its requests). SIGINT/SIGTERM trigger Hypercorn's
+graceful shutdown; an engine that dies also shuts the server down, with exit status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from trioserve.config import ServerConfig
+
+log = logging.getLogger("trioserve")
+
+
+def hypercorn_config(config: ServerConfig) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = [f"{config.host}:{config.port}"]
+    hc.worker_class = "trio"
+    hc.accesslog = None
+    hc.graceful_timeout = 5.0
+    # Long prompts can keep a client waiting; never drop a quiet but live connection.
+    hc.keep_alive_timeout = 75.0
+    return hc
+
+
+def run_server(config: ServerConfig) -> int:
+    """Serve until SIGINT/SIGTERM; return the process exit status."""
+    return trio.run(_serve, config)
+
+
+async def _serve(config: ServerConfig) -> int:
+    from trioserve.api.app import create_app
+
+    app = create_app(config)
+    state = app.extensions["trioserve"]
+    stop = trio.Event()
+    failure: list[str] = []
+
+    def on_engine_failure(message: str) -> None:
+        failure.append(message)
+        stop.set()
+
+    state.extras["on_engine_failure"] = on_engine_failure
+    log.info(
+        "trioserve on http://%s:%d/v1 serving %s (%d slot(s))",
+        config.host,
+        config.port,
+        state.model_id,
+        config.parallel,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signals, stop)
+        await hypercorn_serve(app, hypercorn_config(config), shutdown_trigger=stop.wait)
+        nursery.cancel_scope.cancel()
+    if failure:
+        log.error("exiting: %s", failure[0])
+        return 1
+    log.info("stopped")
+    return 0
+
+
+async def _stop_on_signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            stop.set()
+            return
