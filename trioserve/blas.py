@@ -85,6 +85,11 @@ def preload_fast_blas() -> str | None:
             if path is None:
                 _reason = f"the {_OPENBLAS_PACKAGE} package (libopenblas) is not installed"
             else:
+                # One BLAS thread unless the user says otherwise: with two, OpenBLAS's
+                # spin-waiting collapsed when the cores were shared (measured here: four
+                # 666-token prompts took 150 s instead of 17 s while other work ran), and a
+                # server always shares them with its own HTTP thread.
+                os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
                 ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
                 _loaded_path = str(path)
     except OSError as exc:  # typically: libgfortran.so.5: cannot open shared object file

@@ -130,6 +130,59 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         help="seconds between ': keepalive' SSE comment lines while a stream is silent; "
         "0 turns them off, the default, for strict clients",
     )
+    p.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template that overrides the model's own (e.g. to render tools or "
+        "<think> blocks); default: the model's template",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=512,
+        help="memory for reusing the KV cache of prompt prefixes seen before (agents resend "
+        "the whole conversation each turn); 0 turns it off (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests allowed to wait for a slot; more get 429 with Retry-After "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a request may wait for a slot before it gets an error (default: %(default)s)",
+    )
+    p.add_argument(
+        "--send-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a stream may stay blocked on a client that reads nothing before it is "
+        "dropped and its slot freed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they end "
+        "with an error (default: %(default)s)",
+    )
+    p.add_argument(
+        "--debug-endpoints",
+        action="store_true",
+        help="serve /debug/state (task, thread and memory counts) for leak checks; off by default",
+    )
+    p.add_argument(
+        "--no-ui",
+        dest="ui",
+        action="store_false",
+        help="do not serve the web playground at / (the API only)",
+    )
     _add_log_arg(p)
 
 
@@ -148,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_convert_cli(args.gguf, args.out_dir, args.dtype)
     try:
         model_dir = _resolve(args)
+        if getattr(args, "chat_template", None) is not None:  # fail now, not per request
+            from trioserve.models.chat_template import read_chat_template
+
+            read_chat_template(args.chat_template)
     except Exception as exc:  # one line, no traceback, for every model problem
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -202,4 +259,14 @@ def _serve_config(args: argparse.Namespace, model_dir: Path):  # -> ServerConfig
         heartbeat_interval_s=args.heartbeat_interval,
         sse_keepalive_s=args.sse_keepalive,
         log_level=args.log_level,
+        max_queue=args.max_queue,
+        prefix_cache_mb=args.prefix_cache_mb,
+        queue_timeout_s=args.queue_timeout,
+        send_timeout_s=args.send_timeout,
+        shutdown_grace_s=args.shutdown_grace,
+        debug_endpoints=args.debug_endpoints,
+        ui=args.ui,
+        chat_template=args.chat_template,
+        # Tests only, and only from the environment: never a documented flag.
+        test_faults=os.environ.get("TRIOSERVE_TEST_FAULTS") == "1",
     )

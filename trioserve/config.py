@@ -30,6 +30,15 @@ class ServerConfig:
     default_temperature: float = 1.0
     log_level: str = "info"
     served_model_name: str | None = None
+    chat_template: Path | None = None  # a Jinja file that overrides the model's chat template
+    prefix_cache_mb: int = 512  # KV cache kept to reuse shared prompt prefixes; 0: off
+    max_queue: int | None = 64  # requests waiting for a slot before 429; None: unbounded
+    queue_timeout_s: float | None = 300.0  # longest wait for a slot; None: no limit
+    send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is dropped
+    shutdown_grace_s: float = 10.0  # on SIGINT/SIGTERM, in-flight work gets this long
+    debug_endpoints: bool = False  # /debug/state (task and thread counts) for stress tests
+    test_faults: bool = False  # tests only: honour the X-Trioserve-Test-Fault header
+    ui: bool = True  # the web playground at / (off: --no-ui, TRIOSERVE_UI=0)
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -46,12 +55,19 @@ class ServerConfig:
 
 
 def _parse(name: str, raw: str) -> object:
-    if name == "model":
-        return Path(raw) if raw else None
-    if name == "cors_origins":
-        return tuple(o for o in raw.replace(",", " ").split() if o)
-    if name in {"port", "parallel", "prefill_step_size", "max_tokens", "max_body_bytes"}:
+    """Convert one environment value by the field's annotated type."""
+    kind = {f.name: str(f.type) for f in fields(ServerConfig)}[name]
+    optional = "None" in kind
+    if optional and raw.strip().lower() in {"", "none"}:
+        return None
+    if kind.startswith("Path"):
+        return Path(raw)
+    if kind.startswith("tuple"):
+        return tuple(item for item in raw.replace(",", " ").split() if item)
+    if kind.startswith("bool"):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if kind.startswith("int"):
         return int(raw)
-    if name in {"heartbeat_interval_s", "sse_keepalive_s", "default_temperature"}:
+    if kind.startswith("float"):
         return float(raw)
-    return raw or None if name in {"api_key", "served_model_name"} else raw
+    return raw

@@ -7,6 +7,7 @@ graceful shutdown; an engine that dies also shuts the server down, with exit sta
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 
@@ -15,6 +16,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from trioserve.config import ServerConfig
+from trioserve.lifecycle import Drain
 
 log = logging.getLogger("trioserve")
 
@@ -24,7 +26,9 @@ def hypercorn_config(config: ServerConfig) -> HypercornConfig:
     hc.bind = [f"{config.host}:{config.port}"]
     hc.worker_class = "trio"
     hc.accesslog = None
-    hc.graceful_timeout = 5.0
+    # Our own drain ends every request shutdown_grace_s after the signal, with an error
+    # chunk; Hypercorn only cuts what is still open a little later.
+    hc.graceful_timeout = config.shutdown_grace_s + 5.0
     # Long prompts can keep a client waiting; never drop a quiet but live connection.
     hc.keep_alive_timeout = 75.0
     return hc
@@ -55,8 +59,14 @@ async def _serve(config: ServerConfig) -> int:
         state.model_id,
         config.parallel,
     )
+    if not _is_loopback(config.host) and not config.api_key:
+        log.warning(
+            "listening on %s without --api-key: anyone who can reach this address can use "
+            "the model",
+            config.host,
+        )
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signals, stop)
+        nursery.start_soon(_stop_on_signals, stop, state.drain)
         await hypercorn_serve(app, hypercorn_config(config), shutdown_trigger=stop.wait)
         nursery.cancel_scope.cancel()
     if failure:
@@ -66,9 +76,26 @@ async def _serve(config: ServerConfig) -> int:
     return 0
 
 
-async def _stop_on_signals(stop: trio.Event) -> None:
+async def _stop_on_signals(stop: trio.Event, drain: Drain) -> None:
+    """First signal: stop accepting, let in-flight work finish for the grace period, then
+    end it with errors. Hypercorn returns once the last connection is done."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            log.info("received %s: shutting down", signal.Signals(signum).name)
+            log.info(
+                "received %s: no new requests; in-flight ones get %g s to finish",
+                signal.Signals(signum).name,
+                drain.grace_s,
+            )
+            drain.begin()
             stop.set()
-            return
+            break
+    await trio.sleep(drain.grace_s)
+    drain.expire()
+    log.info("grace period over: ending the requests still running")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -183,3 +183,57 @@ async def test_worker_failure_fails_the_request_and_the_engine_recovers(open_eng
         good = await collect(engine, chat_request(engine, "What is the capital of France?"))
         assert "Paris" in text_of(good)
     assert calls["n"] == 1
+
+
+async def test_prefix_cache_serves_the_shared_history_of_a_second_turn(open_engine):
+    from trioserve.engine.params import GenerationRequest
+    from trioserve.models.chat_template import chat_prompt_tokens
+
+    async with open_engine(parallel=1, prefix_cache_bytes=256 * 1024 * 1024) as engine:
+        first = chat_request(engine, LONG_PROMPT, max_tokens=8)
+        first_events = await collect(engine, first)
+        assert finish_of(first_events).usage.cached_tokens == 0
+        history = [
+            {"role": "user", "content": LONG_PROMPT},
+            {"role": "assistant", "content": text_of(first_events)},
+            {"role": "user", "content": "Now say it in one word."},
+        ]
+        tokens = chat_prompt_tokens(engine.tokenizer, history)
+        second = GenerationRequest(prompt_tokens=tuple(tokens), max_tokens=8, request_id="t2")
+        events = await collect(engine, second)
+    usage = finish_of(events).usage
+    assert usage.cached_tokens >= len(first.prompt_tokens)
+    assert usage.prompt_tokens == len(tokens)
+    progress = [e for e in events if isinstance(e, PrefillProgress)]
+    # Progress speaks of the whole prompt, cached part included.
+    assert progress[-1].processed == progress[-1].total == len(tokens)
+    assert text_of(events).strip()
+
+
+async def test_batch_fault_fails_every_sequence_and_the_engine_starts_afresh(open_engine):
+    from trioserve.engine.worker import BatchFault
+
+    def fault(phase: str, request) -> None:
+        if request.request_id == "boom" and phase == "decode":
+            raise BatchFault("injected batch fault")
+
+    async with open_engine(parallel=2, fault_hook=fault) as engine:
+        bad = chat_request(engine, "Tell me a story.", max_tokens=30)
+        bad = type(bad)(**{**bad.__dict__, "request_id": "boom"})
+        other = chat_request(engine, "Tell me another story.", max_tokens=30)
+        results = {}
+
+        async def run(name, request) -> None:
+            results[name] = await collect(engine, request)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "bad", bad)
+            nursery.start_soon(run, "other", other)
+        assert isinstance(results["bad"][-1], Failed)
+        # The other sequence shared the failed step, so it fails too, with a clear message.
+        assert isinstance(results["other"][-1], Failed)
+        assert "injected batch fault" in results["other"][-1].message
+        stats = await engine.wait_until(lambda s: s.worker.in_batch == 0)
+        assert stats.slots_busy == 0 and stats.worker.failures == 1
+        good = await collect(engine, chat_request(engine, "What is the capital of France?"))
+        assert "Paris" in text_of(good)

@@ -9,7 +9,7 @@ from functools import partial
 import httpx
 import trio
 
-from tests.integration.test_streaming import LONG_PROMPT
+from tests.integration.test_streaming import LONG_PROMPT, fresh
 
 VERY_LONG_PROMPT = LONG_PROMPT * 4  # ~600 tokens in 16-token chunks: seconds of prefill
 
@@ -60,7 +60,7 @@ async def stream_until(server, body: dict, stop_when) -> None:
 
 
 async def test_disconnect_during_prefill(server):
-    body = {"messages": [{"role": "user", "content": VERY_LONG_PROMPT}], "max_tokens": 50}
+    body = {"messages": [{"role": "user", "content": fresh(VERY_LONG_PROMPT)}], "max_tokens": 50}
     await stream_until(
         server,
         body,

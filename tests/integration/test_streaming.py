@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import httpx
 import pytest
@@ -14,6 +15,11 @@ CHAT = "/chat/completions"
 LONG_PROMPT = "Summarize this text. " + " ".join(
     f"Sentence number {i} talks about the weather in a small town." for i in range(12)
 )
+
+
+def fresh(prompt: str) -> str:
+    """The prompt behind a unique marker, so the prefix cache cannot skip its prefill."""
+    return f"[{uuid.uuid4().hex[:8]}] {prompt}"
 
 
 def chat_body(content: str, **extra) -> dict:
@@ -82,7 +88,7 @@ def _progress_and_content(raw: str):
 
 async def test_opted_in_stream_reports_prefill_progress_as_valid_chunks(server):
     raw = await post_stream(
-        server, chat_body(LONG_PROMPT), headers={"X-SwiftLM-Prefill-Progress": "true"}
+        server, chat_body(fresh(LONG_PROMPT)), headers={"X-SwiftLM-Prefill-Progress": "true"}
     )
     events, progress_idx, content_idx = _progress_and_content(raw)
     # ~150 prompt tokens in 16-token chunks: many chunk-completion events.
@@ -131,7 +137,7 @@ async def test_progress_header_truthy_values(server, header, value, opted_in):
 
 
 async def test_concurrent_opted_in_streams_report_their_own_prompt(server):
-    prompts = {"short": "Name a colour.", "long": LONG_PROMPT}
+    prompts = {"short": fresh("Name a colour."), "long": fresh(LONG_PROMPT)}
     results: dict[str, str] = {}
 
     async def run(name: str) -> None:

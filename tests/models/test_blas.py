@@ -26,16 +26,19 @@ def test_preload_is_idempotent():
     assert preload_fast_blas() == preload_fast_blas()
 
 
-def _report_in_subprocess(**env: str) -> dict:
+def _report_in_subprocess(prelude: str = "", **env: str) -> dict:
+    """blas_report() of a fresh interpreter that runs `prelude`, then imports trioserve."""
     code = (
+        f"{prelude}\n"
         "import dataclasses, json, trioserve\n"
         "from trioserve.blas import blas_report\n"
         "print(json.dumps(dataclasses.asdict(blas_report())))\n"
     )
+    clean_env = {k: v for k, v in os.environ.items() if k != "TRIOSERVE_NO_BLAS_PRELOAD"}
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        env={**clean_env, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -49,6 +52,28 @@ def test_reference_blas_is_reported_when_preload_disabled():
     assert report["is_reference"], report
     assert "mlx_cpu.libs" in report["library"], report
     assert "TRIOSERVE_NO_BLAS_PRELOAD" in report["reason"], report
+
+
+def test_missing_libgfortran_is_reported_not_raised():
+    # Simulate the load failure seen without the system libgfortran.so.5.
+    prelude = (
+        "import ctypes\n"
+        "real = ctypes.CDLL\n"
+        "def fake(name, *a, **k):\n"
+        "    if name and 'openblas' in str(name):\n"
+        "        raise OSError('libgfortran.so.5: cannot open shared object file')\n"
+        "    return real(name, *a, **k)\n"
+        "ctypes.CDLL = fake\n"
+    )
+    report = _report_in_subprocess(prelude)
+    assert report["is_reference"], report
+    assert "libgfortran" in report["reason"], report
+
+
+def test_mlx_imported_first_is_reported():
+    report = _report_in_subprocess("import mlx.core")
+    assert report["is_reference"], report
+    assert "imported before trioserve" in report["reason"], report
 
 
 def test_reference_blas_logs_a_loud_warning(caplog):

@@ -8,7 +8,13 @@ from trioserve.engine.events import TokenDelta, TopLogprob, Usage
 from trioserve.streaming import sse
 from trioserve.streaming.chunks import LOGPROB_FLOOR, ChunkBuilder, error_payload
 
-USAGE = Usage(prompt_tokens=7, completion_tokens=3)
+USAGE = Usage(prompt_tokens=7, completion_tokens=3, cached_tokens=4)
+USAGE_DICT = {
+    "prompt_tokens": 7,
+    "completion_tokens": 3,
+    "total_tokens": 10,
+    "prompt_tokens_details": {"cached_tokens": 4},
+}
 DELTAS = (
     TokenDelta(
         1, "Hi", -0.5, (TopLogprob("Hi", -0.5, (72, 105)), TopLogprob("Yo", -1.5, (89, 111)))
@@ -121,7 +127,7 @@ def test_usage_chunk(kind, obj):
     assert b.usage_chunk(USAGE) == {
         **head(b, obj),
         "choices": [],
-        "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+        "usage": USAGE_DICT,
     }
 
 
@@ -180,7 +186,7 @@ def test_chat_response(chat):
     assert choice["message"] == {"role": "assistant", "content": "Hi é"}
     assert choice["finish_reason"] == "stop"
     assert [t["token"] for t in choice["logprobs"]["content"]] == ["Hi", " é"]
-    assert r["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    assert r["usage"] == USAGE_DICT
     assert chat.chat_response("x", "length", USAGE)["choices"][0]["logprobs"] is None
 
 

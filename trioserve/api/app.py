@@ -15,6 +15,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from trioserve.api.debug import debug_routes
 from trioserve.api.errors import (
     ApiError,
     MethodNotAllowed,
@@ -26,7 +27,12 @@ from trioserve.api.errors import (
 from trioserve.api.routes import routes
 from trioserve.api.state import AppState, app_state
 from trioserve.config import ServerConfig
+from trioserve.engine.params import GenerationRequest
 from trioserve.engine.scheduler import Engine, EngineConfig
+from trioserve.engine.worker import FaultHook
+from trioserve.lifecycle import Drain
+from trioserve.metrics import Metrics
+from trioserve.web.routes import is_ui_path, web
 
 log = logging.getLogger("trioserve.api")
 
@@ -41,19 +47,28 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
     from trioserve.models.registry import default_model_name, resolve_model
 
     config = config or ServerConfig.from_env()
+    if config.chat_template is not None:  # a bad file fails the start, not every request
+        from trioserve.models.chat_template import read_chat_template
+
+        read_chat_template(config.chat_template)
     model_dir = resolve_model(str(config.model) if config.model else None, dtype=config.dtype)
+    test_faults: dict[str, str] | None = {} if config.test_faults else None
     if engine is None:
         engine = Engine(
             EngineConfig(
                 load=lambda: load_model(model_dir),
                 parallel=config.parallel,
                 prefill_step_size=config.prefill_step_size,
+                max_queue=config.max_queue,
+                queue_timeout_s=config.queue_timeout_s,
+                prefix_cache_bytes=config.prefix_cache_mb * 1024 * 1024,
+                fault_hook=_fault_hook(test_faults) if test_faults is not None else None,
             )
         )
     model_id = config.served_model_name or (
         default_model_name() if config.model is None else model_dir.name
     )
-    app = QuartTrio("trioserve")
+    app = QuartTrio("trioserve", static_folder=None)  # /static/ is the playground's (web/)
     app.config["RESPONSE_TIMEOUT"] = None  # streams end when generation does, not at 60 s
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.extensions["trioserve"] = AppState(
@@ -62,8 +77,16 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
         model_id=model_id,
         context_length=model_context_length(model_dir),
         created=int(time.time()),
+        drain=Drain(config.shutdown_grace_s),
+        metrics=Metrics(engine.stats),
     )
+    if test_faults is not None:
+        app.extensions["trioserve"].extras["test_faults"] = test_faults
     app.register_blueprint(routes)
+    if config.debug_endpoints:
+        app.register_blueprint(debug_routes)
+    if config.ui:
+        app.register_blueprint(web)  # the playground at /; its paths need no API key
     _install_error_handlers(app)
     _install_auth_and_cors(app, config)
 
@@ -72,6 +95,16 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
         app.nursery.start_soon(_run_engine, app)
 
     return app
+
+
+def _fault_hook(faults: dict[str, str]) -> FaultHook:
+    """Tests only: fail the request whose id was registered, in the phase it names."""
+
+    def hook(phase: str, request: GenerationRequest) -> None:
+        if faults.get(request.request_id) == phase:
+            raise RuntimeError(f"injected {phase} fault")
+
+    return hook
 
 
 async def _run_engine(app: QuartTrio) -> None:
@@ -158,7 +191,8 @@ def _install_auth_and_cors(app: QuartTrio, config: ServerConfig) -> None:
                 response.headers["Access-Control-Max-Age"] = "600"
                 response.headers["Vary"] = "Origin, Access-Control-Request-Headers"
             return response
-        if config.api_key and request.path not in PUBLIC_PATHS:
+        public = request.path in PUBLIC_PATHS or (config.ui and is_ui_path(request.path))
+        if config.api_key and not public:
             given = request.headers.get("Authorization", "")
             scheme, _, token = given.partition(" ")
             ok = scheme.lower() == "bearer" and hmac.compare_digest(
@@ -169,6 +203,12 @@ def _install_auth_and_cors(app: QuartTrio, config: ServerConfig) -> None:
                     "Missing API key." if not given else "Invalid API key.",
                 )
         return None
+
+    @app.after_request
+    async def count_request(response: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        app_state().metrics.requests.labels(endpoint=rule, status=response.status_code).inc()
+        return response
 
     @app.after_request
     async def cors_headers(response: Response) -> Response:

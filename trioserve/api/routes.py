@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from quart import Blueprint, request
+from quart import Blueprint, Response, request
 
 from trioserve.api.generation import handle_generation
 from trioserve.api.schemas import parse_chat_request, parse_completion_request
 from trioserve.api.state import app_state
+from trioserve.metrics import CONTENT_TYPE
 
 routes = Blueprint("openai", __name__)
 
@@ -48,6 +49,12 @@ async def get_model(model_id: str):
         "created": state.created,
         "owned_by": "trioserve",
     }
+
+
+@routes.get("/metrics")
+async def metrics():
+    body = app_state().metrics.render()
+    return Response(body, status=200, content_type=CONTENT_TYPE)
 
 
 @routes.get("/health")

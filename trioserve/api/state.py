@@ -8,6 +8,8 @@ from quart import current_app
 
 from trioserve.config import ServerConfig
 from trioserve.engine.scheduler import Engine
+from trioserve.lifecycle import Drain
+from trioserve.metrics import Metrics
 
 
 @dataclass
@@ -17,6 +19,8 @@ class AppState:
     model_id: str
     context_length: int
     created: int
+    drain: Drain
+    metrics: Metrics
     load_error: str | None = None
     extras: dict[str, object] = field(default_factory=dict)
 

@@ -28,22 +28,27 @@ class TopLogprob:
 class TokenDelta:
     """One generated token and the text it adds (may be "" while bytes are incomplete).
 
-    ``logprob``/``top_logprobs`` are filled only when the request asked for logprobs.
+    ``logprob``/``top_logprobs`` are filled only when the request asked for logprobs, and so
+    are ``token_text``/``token_bytes``: the chosen token on its own (``text`` can be "" or
+    hold several tokens' worth while the detokenizer waits for complete characters).
     """
 
     token: int
     text: str
     logprob: float | None = None
     top_logprobs: tuple[TopLogprob, ...] = ()
+    token_text: str | None = None
+    token_bytes: tuple[int, ...] | None = None
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length"]  # "tool_calls" is decided above the engine
 
 
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
     def total_tokens(self) -> int:

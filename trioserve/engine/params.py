@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trioserve.engine.constraints import Constraint
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class GenerationRequest:
         stop: stop strings; the matched text is left out of the output.
         sampling: sampling parameters.
         request_id: the id used in logs and responses.
+        constraint: a grammar the output must follow (structured output, forced tool calls).
     """
 
     prompt_tokens: tuple[int, ...]
@@ -39,3 +44,4 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    constraint: Constraint | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,6 +47,14 @@ class EngineNotReady(Exception):
     """The model is still loading, or the engine has stopped."""
 
 
+class QueueFull(Exception):
+    """Every slot is busy and ``max_queue`` requests are already waiting."""
+
+
+class QueueTimeout(Exception):
+    """A request waited longer than ``queue_timeout_s`` for a slot."""
+
+
 @dataclass(frozen=True)
 class EngineStats:
     ready: bool
@@ -68,6 +77,7 @@ class RequestHandle:
         self._send, self._receive = trio.open_memory_channel[Event](math.inf)
         self._holds_slot = False
         self._submitted = False
+        self.admitted_at: float | None = None  # time.monotonic() when a slot was granted
 
     @property
     def prompt_len(self) -> int:
@@ -87,10 +97,17 @@ class RequestHandle:
             raise EngineNotReady("the model is not loaded yet")
         engine._waiting.append(self)
         try:
-            await engine._limiter.acquire_on_behalf_of(self)
+            with trio.move_on_after(engine.config.queue_timeout_s or math.inf) as waited:
+                await engine._limiter.acquire_on_behalf_of(self)
         finally:
             engine._waiting.remove(self)
+        if waited.cancelled_caught:
+            raise QueueTimeout(
+                f"no slot became free within {engine.config.queue_timeout_s:g} s; "
+                "the server is busy, retry later"
+            )
         self._holds_slot = True
+        self.admitted_at = time.monotonic()
         self.phase = "prefill"
         engine._by_ticket[self._ticket] = self
         engine._worker.commands.put(Submit(self._ticket))
@@ -128,6 +145,9 @@ class EngineConfig:
     load: Callable[[], tuple[Any, Any]]
     parallel: int = 8
     prefill_step_size: int = 512
+    max_queue: int | None = None  # waiting requests beyond the slots; None: unbounded
+    queue_timeout_s: float | None = None  # longest wait for a slot; None: no limit
+    prefix_cache_bytes: int = 0  # KV cache kept for prefix reuse; 0: off
     fault_hook: FaultHook | None = None
 
 
@@ -154,6 +174,7 @@ class Engine:
                 parallel=self.config.parallel,
                 prefill_step_size=self.config.prefill_step_size,
                 fault_hook=self.config.fault_hook,
+                prefix_cache_bytes=self.config.prefix_cache_bytes,
                 load=self.config.load,
             ),
             schedule=token.run_sync_soon,
@@ -205,12 +226,25 @@ class Engine:
         self._changed.set()
         self._changed = trio.Event()
 
+    def check_admission(self) -> None:
+        """Raise ``QueueFull`` when a new request would wait behind ``max_queue`` others."""
+        limit = self.config.max_queue
+        if limit is None or self._limiter.available_tokens > 0:
+            return
+        if len(self._waiting) >= limit:
+            raise QueueFull(
+                f"all {self.config.parallel} slots are busy and {len(self._waiting)} "
+                "requests are queued"
+            )
+
     @asynccontextmanager
     async def submit(self, request: GenerationRequest) -> AsyncIterator[RequestHandle]:
         """Reserve nothing yet; iterate ``handle.events()`` to queue and generate.
 
         Whatever way the block is left, the sequence leaves the batch and the slot is freed.
+        Raises ``QueueFull`` at once when the queue is at ``max_queue``.
         """
+        self.check_admission()
         handle = RequestHandle(self, request)
         try:
             yield handle

@@ -28,6 +28,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
+from trioserve.engine.constraints import make_constraint_processor
 from trioserve.engine.events import (
     Event,
     Failed,
@@ -38,8 +39,10 @@ from trioserve.engine.events import (
     Usage,
 )
 from trioserve.engine.params import GenerationRequest
+from trioserve.engine.prefix_cache import PrefixCache
 from trioserve.engine.sampling import make_request_processors, make_request_sampler
 from trioserve.engine.text import StopStringFilter
+from trioserve.engine.token_text import token_piece
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,10 @@ class Ticket:
 
     def __init__(self, request: GenerationRequest) -> None:
         self.request = request
+
+
+class BatchFault(Exception):
+    """Raised by a test fault hook to make a whole model step fail."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class WorkerSnapshot:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     failures: int = 0
+    prefix_cache_bytes: int = 0
 
 
 # Called on the Trio thread with the step's events and the state after the step.
@@ -92,6 +100,7 @@ class _Sequence:
     detokenizer: Any
     stops: StopStringFilter
     prompt_len: int
+    cached: int = 0  # prompt tokens whose KV came from the prefix cache
     generated: int = 0
 
 
@@ -102,6 +111,7 @@ class WorkerConfig:
     # Tests only: called with ("prefill" | "decode", request) before each step that involves
     # the request; raising simulates a model failure.
     fault_hook: FaultHook | None = None
+    prefix_cache_bytes: int = 0  # 0 turns prefix reuse off
     load: Callable[[], tuple[Any, Any]] = field(default=lambda: (None, None))
 
 
@@ -119,6 +129,7 @@ class Worker:
         self._tokenizer: Any = None
         self._model: Any = None
         self._gen: BatchGenerator | None = None
+        self._prefix = PrefixCache(config.prefix_cache_bytes)
 
     # -- thread entry -------------------------------------------------------------------
 
@@ -143,8 +154,11 @@ class Worker:
     def _serve_once(self, deliver: Deliver) -> bool:
         events: list[tuple[Ticket, Event]] = []
         changed = False
-        # Block only while there is nothing to compute.
+        # Block only while there is nothing to compute. Going idle, hand MLX's buffer cache
+        # back to the system: an idle server should not sit on its peak memory.
         block = not self._seqs
+        if block:
+            mx.clear_cache()
         while True:
             try:
                 command = self.commands.get(block=block)
@@ -172,9 +186,15 @@ class Worker:
         try:
             sampler = make_request_sampler(req.sampling)
             processors = make_request_processors(req.sampling)
+            if req.constraint is not None:  # the grammar's mask goes last, after penalties
+                processors.append(make_constraint_processor(req.constraint, self._tokenizer))
+            prompt = list(req.prompt_tokens)
+            cache, rest, cached = self._prefix.lookup(prompt)
             (uid,) = self._gen.insert(
-                [list(req.prompt_tokens)],
+                [rest],
                 max_tokens=[req.max_tokens],
+                caches=[cache],
+                all_tokens=[prompt[:cached]],
                 samplers=[sampler],
                 logits_processors=[processors],
             )
@@ -188,6 +208,7 @@ class Worker:
             detokenizer=self._tokenizer.detokenizer,
             stops=StopStringFilter(req.stop),
             prompt_len=len(req.prompt_tokens),
+            cached=cached,
         )
         self._seqs[uid] = seq
         self._by_ticket[ticket] = seq
@@ -197,8 +218,11 @@ class Worker:
         if seq is not None:
             self._drop(seq)
 
-    def _drop(self, seq: _Sequence) -> None:
-        self._gen.remove([seq.uid])
+    def _drop(self, seq: _Sequence, keep_cache: bool = False) -> None:
+        caches = self._gen.remove([seq.uid], return_prompt_caches=keep_cache)
+        if keep_cache and seq.uid in caches:
+            cache, tokens = caches[seq.uid]
+            self._prefix.store(tokens, cache)
         self._seqs.pop(seq.uid, None)
         self._by_ticket.pop(seq.ticket, None)
 
@@ -206,26 +230,43 @@ class Worker:
 
     def _step(self, events: list[tuple[Ticket, Event]]) -> None:
         try:
-            self._run_fault_hook()
+            self._run_fault_hook(events)
+            if not self._seqs:
+                return
             prompt_responses, generation_responses = self._gen.next()
         except Exception as exc:
+            # A failed step leaves the batch in an unknown state: fail it all, start afresh.
             self._fail_all(exc, events)
             return
         for r in prompt_responses:
             seq = self._seqs.get(r.uid)
             if seq is not None:
-                events.append((seq.ticket, PrefillProgress(*r.progress)))
+                # mlx-lm counts only what it prefills; report the whole prompt.
+                processed, total = r.progress
+                events.append(
+                    (seq.ticket, PrefillProgress(processed + seq.cached, total + seq.cached))
+                )
         for r in generation_responses:
             seq = self._seqs.get(r.uid)
             if seq is not None:
                 self._on_token(seq, r, events)
 
-    def _run_fault_hook(self) -> None:
+    def _run_fault_hook(self, events: list[tuple[Ticket, Event]]) -> None:
+        """Tests only: the hook raising fails that one sequence, as a per-sequence model
+        error would; ``BatchFault`` fails the whole step instead."""
         hook = self._config.fault_hook
         if hook is None:
             return
         for seq in list(self._seqs.values()):
-            hook("decode" if seq.generated else "prefill", seq.ticket.request)
+            try:
+                hook("decode" if seq.generated else "prefill", seq.ticket.request)
+            except BatchFault:
+                raise
+            except Exception as exc:
+                log.error("request %s failed in the model: %r", seq.ticket.request.request_id, exc)
+                events.append((seq.ticket, Failed(f"the model failed on this request: {exc}")))
+                self._drop(seq)
+                self._snapshot = replace(self._snapshot, failures=self._snapshot.failures + 1)
 
     def _on_token(self, seq: _Sequence, r: Any, events: list[tuple[Ticket, Event]]) -> None:
         seq.generated += 1
@@ -241,20 +282,25 @@ class Worker:
         elif reason is not None:
             text += seq.stops.flush()
         req = seq.ticket.request
-        logprob, top = (None, ())
+        logprob, top, chosen = (None, (), None)
         if req.sampling.logprobs and not is_eos:
             logprob, top = self._logprobs(r.token, r.logprobs, req.sampling.top_logprobs)
+            chosen = self._top_entry(r.token, logprob)
         if not (is_eos and not text):
-            events.append((seq.ticket, TokenDelta(r.token, text, logprob, top)))
+            piece = (chosen.token, chosen.bytes) if chosen else (None, None)
+            events.append((seq.ticket, TokenDelta(r.token, text, logprob, top, *piece)))
         if reason is None:
             return
         # An end-of-sequence token is not part of the answer.
         completion = seq.generated - (1 if is_eos else 0)
-        usage = Usage(prompt_tokens=seq.prompt_len, completion_tokens=completion)
+        usage = Usage(
+            prompt_tokens=seq.prompt_len, completion_tokens=completion, cached_tokens=seq.cached
+        )
         events.append((seq.ticket, Finished(reason, usage)))
         if r.finish_reason is None:
-            self._drop(seq)  # stopped by a stop string: the batch still holds it
+            self._drop(seq, keep_cache=True)  # stopped by a stop string: still in the batch
         else:
+            self._prefix.store(r.all_tokens, r.prompt_cache)
             self._seqs.pop(seq.uid, None)
             self._by_ticket.pop(seq.ticket, None)
 
@@ -271,8 +317,8 @@ class Worker:
         return chosen, top
 
     def _top_entry(self, token_id: int, logprob: float) -> TopLogprob:
-        text = self._tokenizer.decode([token_id])
-        return TopLogprob(token=text, logprob=logprob, bytes=tuple(text.encode("utf-8")))
+        text, raw = token_piece(self._tokenizer, token_id)
+        return TopLogprob(token=text, logprob=logprob, bytes=raw)
 
     def _fail_all(self, exc: Exception, events: list[tuple[Ticket, Event]]) -> None:
         """A step raised: fail everything in the batch, then start from a fresh batch."""
@@ -313,6 +359,7 @@ class Worker:
             self._snapshot,
             in_batch=_batch_size(self._gen),
             tracked=len(self._seqs),
+            prefix_cache_bytes=self._prefix.nbytes,
             steps=self._snapshot.steps + 1,
             prompt_tokens=stats.prompt_tokens,
             generated_tokens=stats.generation_tokens,

@@ -16,6 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from trioserve.engine.events import TokenDelta, Usage
+from trioserve.streaming.pieces import (
+    ContentPiece,
+    Piece,
+    ReasoningPiece,
+    ToolCallArguments,
+    ToolCallStart,
+)
 
 __all__ = ["LOGPROB_FLOOR", "ChunkBuilder", "error_payload", "usage_dict"]
 
@@ -33,11 +40,12 @@ def error_payload(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def usage_dict(usage: Usage) -> dict[str, int]:
+def usage_dict(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 
@@ -47,15 +55,22 @@ def _lp(value: float | None) -> float:
     return value
 
 
+def _token(d: TokenDelta) -> str:
+    # The chosen token on its own when the engine gave it; else the text it added.
+    return d.text if d.token_text is None else d.token_text
+
+
+def _token_bytes(d: TokenDelta) -> list[int]:
+    return list(d.text.encode("utf-8") if d.token_bytes is None else d.token_bytes)
+
+
 def _chat_logprobs(deltas: Sequence[TokenDelta]) -> dict[str, Any]:
-    # TokenDelta has no string for the chosen token itself: its text is the best we have
-    # ("" while a multi-byte character is incomplete).
     return {
         "content": [
             {
-                "token": d.text,
+                "token": _token(d),
                 "logprob": _lp(d.logprob),
-                "bytes": list(d.text.encode("utf-8")),
+                "bytes": _token_bytes(d),
                 "top_logprobs": [
                     {"token": t.token, "logprob": _lp(t.logprob), "bytes": list(t.bytes)}
                     for t in d.top_logprobs
@@ -66,13 +81,37 @@ def _chat_logprobs(deltas: Sequence[TokenDelta]) -> dict[str, Any]:
     }
 
 
+def _piece_deltas(pieces: Sequence[Piece]) -> list[dict[str, Any]]:
+    """Chat ``delta`` objects, merging runs of text and each call's consecutive arguments."""
+    out: list[dict[str, Any]] = []
+    for p in pieces:
+        last = out[-1] if out else {}
+        if isinstance(p, ContentPiece | ReasoningPiece):
+            key = "content" if isinstance(p, ContentPiece) else "reasoning_content"
+            if key in last:
+                last[key] += p.text
+            else:
+                out.append({key: p.text})
+        elif isinstance(p, ToolCallStart):
+            function = {"name": p.name, "arguments": ""}
+            call = {"index": p.index, "id": p.id, "type": "function", "function": function}
+            out.append({"tool_calls": [call]})
+        elif isinstance(p, ToolCallArguments):
+            calls = last.get("tool_calls")
+            if calls and calls[-1]["index"] == p.index:
+                calls[-1]["function"]["arguments"] += p.text
+            else:
+                out.append({"tool_calls": [{"index": p.index, "function": {"arguments": p.text}}]})
+    return out
+
+
 def _completion_logprobs(deltas: Sequence[TokenDelta], offset: int) -> dict[str, Any]:
     offsets = []
     for d in deltas:
         offsets.append(offset)
         offset += len(d.text)
     return {
-        "tokens": [d.text for d in deltas],
+        "tokens": [_token(d) for d in deltas],
         "token_logprobs": [_lp(d.logprob) for d in deltas],
         "top_logprobs": [{t.token: _lp(t.logprob) for t in d.top_logprobs} for d in deltas],
         "text_offset": offsets,
@@ -126,6 +165,22 @@ class ChunkBuilder:
         self._text_len += len(text)
         return self._chunk({"content": text} if self.kind == "chat" else text, lp, None)
 
+    def piece_chunks(
+        self, pieces: Sequence[Piece], deltas: Sequence[TokenDelta] = (), logprobs: bool = False
+    ) -> list[dict[str, Any]]:
+        """Chat chunks for shaped output (content, ``reasoning_content``, ``tool_calls``).
+
+        One chunk per run of same-kind pieces; the tokens' logprobs ride on the first chunk, or
+        on an empty content chunk when the tokens added nothing visible yet.
+        """
+        out = _piece_deltas(pieces)
+        if not out and logprobs:
+            out = [{"content": ""}]
+        return [
+            self._chunk(delta, _chat_logprobs(deltas) if logprobs and i == 0 else None, None)
+            for i, delta in enumerate(out)
+        ]
+
     def finish_chunk(self, reason: str) -> dict[str, Any]:
         """The chunk carrying ``finish_reason``; strict clients need it before ``[DONE]``."""
         return self._chunk({} if self.kind == "chat" else "", None, reason)
@@ -175,11 +230,21 @@ class ChunkBuilder:
         usage: Usage,
         deltas: Sequence[TokenDelta] = (),
         logprobs: bool = False,
+        *,
+        tool_calls: list[dict[str, Any]] | None = None,
+        reasoning: str | None = None,
     ) -> dict[str, Any]:
-        """The non-streamed ``chat.completion`` body."""
+        """The non-streamed ``chat.completion`` body; ``content`` is null when the message is
+        only tool calls, as OpenAI sends it."""
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+            message["content"] = text or None
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": text},
+            "message": message,
             "logprobs": _chat_logprobs(deltas) if logprobs else None,
             "finish_reason": finish_reason,
         }

@@ -1,0 +1,187 @@
+"""Faults, overload, slow readers and metrics against a real server process."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from functools import partial
+
+import httpx
+import trio
+
+from tests.integration.conftest import data_objects, parse_sse
+from tests.integration.test_disconnect import wait_slots_free
+from tests.integration.test_streaming import LONG_PROMPT, fresh
+
+STORY = [{"role": "user", "content": "Tell me a very long story about a dragon."}]
+
+
+def chat(content_or_messages, **extra) -> dict:
+    messages = (
+        content_or_messages
+        if isinstance(content_or_messages, list)
+        else [{"role": "user", "content": content_or_messages}]
+    )
+    return {"messages": messages, "max_tokens": 12, "temperature": 0, **extra}
+
+
+async def stream_text(client: httpx.AsyncClient, url: str, body: dict, headers=None) -> str:
+    async with client.stream(
+        "POST", url, json={**body, "stream": True}, headers=headers or {}
+    ) as response:
+        assert response.status_code == 200
+        return (await response.aread()).decode()
+
+
+async def wait_busy(client: httpx.AsyncClient, base: str, slots: int) -> None:
+    # Polling another process: there is no Trio event to wait on across it.
+    deadline = time.monotonic() + 60
+    while (await client.get(base + "/health")).json()["slots_busy"] < slots:  # noqa: ASYNC110
+        assert time.monotonic() < deadline, "the slot never became busy"
+        await trio.sleep(0.02)
+
+
+async def test_fault_in_prefill_and_decode_fails_only_that_request(launch):
+    server = launch("--parallel", "2", env={"TRIOSERVE_TEST_FAULTS": "1"})
+    url = server.v1 + "/chat/completions"
+    for phase in ("prefill", "decode"):
+        results: dict[str, str] = {}
+        async with httpx.AsyncClient(timeout=120) as client:
+
+            async def run(name: str, headers: dict, results=results, client=client) -> None:
+                results[name] = await stream_text(client, url, chat(fresh(LONG_PROMPT)), headers)
+
+            async with trio.open_nursery() as nursery:
+                fault = {"X-Request-Id": f"faulty-{phase}", "X-Trioserve-Test-Fault": phase}
+                nursery.start_soon(run, "faulty", fault)
+                nursery.start_soon(run, "healthy", {})
+        faulty = parse_sse(results["faulty"])
+        assert faulty[-1] == (None, "[DONE]")
+        error = json.loads(faulty[-2][1])["error"]
+        assert f"injected {phase} fault" in error["message"]
+        assert error["code"] == "generation_failed"
+        healthy = data_objects(results["healthy"])
+        assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in healthy)
+        assert not any("error" in c for c in healthy)
+        await wait_slots_free(server)
+    # The non-streamed form gets the error as a JSON response.
+    async with httpx.AsyncClient(timeout=120) as client:
+        response = await client.post(
+            url,
+            json=chat("Say hi."),
+            headers={"X-Request-Id": "faulty-plain", "X-Trioserve-Test-Fault": "decode"},
+        )
+    assert response.status_code == 500
+    assert "injected decode fault" in response.json()["error"]["message"]
+    await wait_slots_free(server)
+
+
+async def test_queue_limit_gives_429_with_retry_after(launch):
+    server = launch("--parallel", "1", "--max-queue", "1")
+    url = server.v1 + "/chat/completions"
+    async with httpx.AsyncClient(timeout=120) as client, trio.open_nursery() as nursery:
+        nursery.start_soon(partial(client.post, url, json=chat(STORY, max_tokens=400)))
+        await wait_busy(client, server.url, 1)
+        nursery.start_soon(partial(client.post, url, json=chat("Say hi.")))
+        deadline = time.monotonic() + 30
+        while (await client.get(server.url + "/health")).json()["queue_length"] < 1:  # noqa: ASYNC110
+            assert time.monotonic() < deadline
+            await trio.sleep(0.02)
+        rejected = await client.post(url, json=chat("Say hi."))
+        assert rejected.status_code == 429
+        assert rejected.json()["error"]["type"] == "rate_limit_error"
+        assert int(rejected.headers["Retry-After"]) >= 1
+        nursery.cancel_scope.cancel()
+    await wait_slots_free(server, within_s=2)
+
+
+async def test_queue_timeout_errors_plain_and_streamed(launch):
+    server = launch("--parallel", "1", "--queue-timeout", "0.5", "--max-queue", "8")
+    url = server.v1 + "/chat/completions"
+    async with httpx.AsyncClient(timeout=120) as client, trio.open_nursery() as nursery:
+        nursery.start_soon(partial(client.post, url, json=chat(STORY, max_tokens=400)))
+        await wait_busy(client, server.url, 1)
+        plain = await client.post(url, json=chat("Say hi."))
+        assert plain.status_code == 429
+        assert plain.json()["error"]["code"] == "queue_timeout"
+        raw = await stream_text(client, url, chat("Say hi."))
+        events = parse_sse(raw)
+        assert events[-1] == (None, "[DONE]")
+        error = json.loads(events[-2][1])["error"]
+        assert error["code"] == "queue_timeout" and "no slot" in error["message"]
+        nursery.cancel_scope.cancel()
+    await wait_slots_free(server, within_s=2)
+
+
+def test_a_client_that_stops_reading_is_dropped_after_send_timeout(launch):
+    server = launch("--parallel", "1", "--send-timeout", "1")
+    body = json.dumps(
+        {
+            # Greedy, this prompt runs to max_tokens (seen: 400 of 400), so the stream cannot
+            # end on its own before the buffers fill.
+            "messages": [
+                {
+                    "role": "user",
+                    "content": "Write the numbers from 1 to 500 on one line, separated by "
+                    "commas, with nothing else.",
+                }
+            ],
+            "temperature": 0,
+            "max_tokens": 4000,
+            "stream": True,
+            "logprobs": True,
+            "top_logprobs": 20,  # ~3 KB a frame: the socket buffers fill in seconds
+        }
+    ).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    try:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        # Read nothing, keep the socket open, and watch the slot come free.
+        deadline = time.monotonic() + 120
+        while True:
+            health = server.health()
+            if health["slots_busy"] == 0 and "the client stopped reading" in server.log_text():
+                break
+            assert time.monotonic() < deadline, f"the stalled stream kept its slot: {health}"
+            time.sleep(0.2)
+    finally:
+        sock.close()
+    response = httpx.post(server.v1 + "/chat/completions", json=chat("Say hi."), timeout=120)
+    assert response.status_code == 200
+
+
+def test_metrics_count_requests_tokens_and_latency(server):
+    before = httpx.get(server.url + "/metrics").text
+    response = httpx.post(server.v1 + "/chat/completions", json=chat("Say hi."), timeout=120)
+    assert response.status_code == 200
+    text = httpx.get(server.url + "/metrics").text
+
+    def value(metrics: str, name: str) -> float:
+        for line in metrics.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    assert value(text, "trioserve_generated_tokens_total") > value(
+        before, "trioserve_generated_tokens_total"
+    )
+    assert value(text, "trioserve_time_to_first_token_seconds_count") >= 1
+    assert value(text, "trioserve_slots") == 2
+    assert 'endpoint="/v1/chat/completions",status="200"' in text
+    for name in (
+        "trioserve_inter_token_latency_seconds_bucket",
+        "trioserve_prefill_tokens_per_second_bucket",
+        "trioserve_prompt_tokens_total",
+        "trioserve_queued_requests",
+        "trioserve_slots_busy",
+        "trioserve_sequences_in_batch",
+    ):
+        assert name in text

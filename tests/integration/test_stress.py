@@ -1,0 +1,38 @@
+"""The short variant of tools/stress.py: random disconnects, then no leak anywhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "stress.py"
+
+
+def test_short_stress_leaves_no_leak():
+    result = subprocess.run(
+        # A small prefix cache still exercises its store/lookup paths under random
+        # disconnects, without its own (bounded, intended) memory blurring the RSS check.
+        [
+            sys.executable,
+            str(TOOL),
+            "--clients",
+            "12",
+            "--warmup",
+            "8",
+            "--duration",
+            "12",
+            "--max-requests",
+            "400",
+            "--prefix-cache-mb",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = result.stdout + result.stderr[-3000:]
+    assert result.returncode == 0, report
+    assert "LEAK/FAIL" not in result.stdout
+    assert "hung_up" in result.stdout, "no request disconnected: the storm tested nothing"
+    assert "completed" in result.stdout

@@ -1,0 +1,330 @@
+"""Stress trioserve with random disconnects, then prove nothing leaked.
+
+M clients hammer a ``--parallel 4`` server for T seconds on loopback. Each request picks at
+random: streamed or not, opted in to prefill progress or not, and whether and when it hangs
+up (queued, prefill, decode, or never). Afterwards the tool checks, through the server's
+``/debug/state`` (``--debug-endpoints``), that every slot is free, no sequence is left in the
+batch, the Trio task count and the thread count are back to their idle baseline, and RSS grew
+less than 10 %; that every stream that finished was well formed; and that the server still
+answers. It prints a summary and exits 1 on any leak or malformed stream.
+
+    python tools/stress.py                      # 32 clients, 60 s, starts its own server
+    python tools/stress.py --clients 8 --duration 20
+    python tools/stress.py --url http://127.0.0.1:8080   # a running --debug-endpoints server
+
+Loopback only, bounded in time and in requests, and it stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+import trio
+
+PHASES = ("never", "queued", "prefill", "decode")
+SHORT = "Name three colours."
+LONG = "Summarize this text. " + " ".join(
+    f"Sentence {i} is about a walk in the park on a sunny day." for i in range(40)
+)
+PROGRESS_HEADER = {"X-SwiftLM-Prefill-Progress": "true"}
+
+
+@dataclass
+class Tally:
+    outcomes: Counter = field(default_factory=Counter)
+    malformed: list[str] = field(default_factory=list)
+    started: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    streamed: bool
+    progress: bool
+    hang_up: str  # one of PHASES
+    long_prompt: bool
+
+
+def random_plan(rng: random.Random) -> Plan:
+    hang_up = rng.choice(PHASES)
+    return Plan(
+        streamed=rng.random() < 0.7,
+        progress=rng.random() < 0.5,
+        hang_up=hang_up,
+        long_prompt=hang_up in {"prefill", "queued"} or rng.random() < 0.3,
+    )
+
+
+def body_for(plan: Plan, rng: random.Random) -> dict:
+    return {
+        "messages": [{"role": "user", "content": LONG if plan.long_prompt else SHORT}],
+        "max_tokens": rng.randint(8, 40),
+        "temperature": 0,
+        "stream": plan.streamed,
+        "stream_options": {"include_usage": True} if plan.streamed else None,
+    }
+
+
+def check_stream(raw: str) -> str | None:
+    """None if the stream is well formed, else what is wrong with it."""
+    blocks = [b for b in raw.split("\n\n") if b.strip()]
+    if not blocks or blocks[-1] != "data: [DONE]":
+        return "does not end with data: [DONE]"
+    ids, seen_content, finish = set(), False, None
+    for block in blocks[:-1]:
+        lines = block.split("\n")
+        name = lines[0][len("event: ") :] if lines[0].startswith("event: ") else None
+        data = [line[6:] for line in lines if line.startswith("data: ")]
+        if not data:
+            return f"a block without data: {block[:80]!r}"
+        chunk = json.loads("\n".join(data))
+        if "error" in chunk:
+            return f"error chunk: {chunk['error'].get('message')}"
+        ids.add(chunk["id"])
+        if name == "prefill_progress":
+            if seen_content or chunk["choices"] != []:
+                return "a progress event after content, or with choices"
+        elif chunk["choices"]:
+            seen_content = True
+            finish = chunk["choices"][0].get("finish_reason") or finish
+    if len(ids) != 1:
+        return f"{len(ids)} ids in one stream"
+    if finish not in {"stop", "length"}:
+        return "no finish_reason chunk"
+    return None
+
+
+async def run_streamed(client: httpx.AsyncClient, url: str, plan: Plan, body: dict) -> str:
+    headers = PROGRESS_HEADER if plan.progress else {}
+    async with client.stream("POST", url, json=body, headers=headers) as response:
+        if response.status_code == 429:
+            return "rejected_429"
+        if response.status_code != 200:
+            return f"http_{response.status_code}"
+        if plan.hang_up == "queued" and not plan.progress:
+            return "hung_up_queued"  # right after the headers: queued or just admitted
+        raw = ""
+        async for text in response.aiter_text():
+            raw += text
+            if plan.hang_up == "queued" and '"status":"queued"' in raw:
+                return "hung_up_queued"
+            if plan.hang_up == "prefill" and (
+                "event: prefill_progress" in raw or not plan.progress
+            ):
+                return "hung_up_prefill"
+            if plan.hang_up in {"decode", "queued"} and '"content":"' in raw.replace(
+                '"content":""', ""
+            ):
+                return f"hung_up_{plan.hang_up}"
+        problem = check_stream(raw)
+        return "completed" if problem is None else f"malformed: {problem}"
+
+
+async def run_plain(client: httpx.AsyncClient, url: str, plan: Plan, body: dict, rng) -> str:
+    if plan.hang_up == "never":
+        response = await client.post(url, json=body)
+        if response.status_code == 429:
+            return "rejected_429"
+        payload = response.json()
+        if response.status_code != 200 or not payload.get("choices"):
+            return f"malformed: http {response.status_code} {str(payload)[:120]}"
+        return "completed"
+    with trio.move_on_after(rng.uniform(0.05, 1.5)):
+        response = await client.post(url, json=body)
+        return "rejected_429" if response.status_code == 429 else "completed_before_hang_up"
+    return f"hung_up_plain_{plan.hang_up}"
+
+
+async def client_loop(base: str, deadline: float, seed: int, tally: Tally, limit: int) -> None:
+    rng = random.Random(seed)
+    url = base + "/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=120) as client:
+        while trio.current_time() < deadline and tally.started < limit:
+            tally.started += 1
+            plan = random_plan(rng)
+            body = body_for(plan, rng)
+            try:
+                if plan.streamed:
+                    outcome = await run_streamed(client, url, plan, body)
+                else:
+                    outcome = await run_plain(client, url, plan, body, rng)
+            except httpx.HTTPError as exc:
+                outcome = f"transport_error: {type(exc).__name__}"
+            kind = "stream" if plan.streamed else "plain"
+            tally.outcomes[(kind, outcome.split(":")[0])] += 1
+            if outcome.startswith(("malformed", "transport_error", "http_")):
+                tally.malformed.append(f"{kind} {plan}: {outcome}")
+
+
+async def debug_state(base: str) -> dict:
+    # A fresh connection each time, closed at once, so the count of connection tasks
+    # is the same for the baseline and for the final reading.
+    async with httpx.AsyncClient(timeout=10, headers={"Connection": "close"}) as client:
+        return (await client.get(base + "/debug/state")).json()
+
+
+async def settle(base: str, baseline: dict, timeout_s: float = 10.0) -> dict:
+    """Wait for the server to go idle again; return the last reading."""
+    deadline = trio.current_time() + timeout_s
+    while True:
+        state = await debug_state(base)
+        idle = state["slots_busy"] == 0 and state["in_batch"] == 0 and state["queue_length"] == 0
+        if idle and state["tasks"] <= baseline["tasks"] and state["threads"] <= baseline["threads"]:
+            return state
+        if trio.current_time() > deadline:
+            return state
+        await trio.sleep(0.2)
+
+
+async def warm_up(args: argparse.Namespace, base: str) -> None:
+    """A short storm of the same kind first, so the baseline is taken at a working size
+    (MLX's buffers, the allocator's arenas, Python's caches), not on a cold process."""
+    tally = Tally()
+    deadline = trio.current_time() + args.warmup
+    async with trio.open_nursery() as nursery:
+        for i in range(args.clients):
+            nursery.start_soon(client_loop, base, deadline, 10_000 + i, tally, args.max_requests)
+
+
+def check_leaks(baseline: dict, final: dict) -> list[tuple[str, str, bool]]:
+    # The prefix cache is memory kept on purpose, bounded by --prefix-cache-mb: not a leak.
+    def unaccounted(state: dict) -> int:
+        return state["rss_bytes"] - state.get("prefix_cache_bytes", 0)
+
+    growth = (unaccounted(final) - unaccounted(baseline)) / max(unaccounted(baseline), 1)
+    return [
+        ("slots free", f"{final['slots_busy']} busy", final["slots_busy"] == 0),
+        ("batch empty", f"{final['in_batch']} in batch", final["in_batch"] == 0),
+        ("queue empty", f"{final['queue_length']} queued", final["queue_length"] == 0),
+        (
+            "trio tasks",
+            f"{baseline['tasks']} -> {final['tasks']}",
+            final["tasks"] <= baseline["tasks"],
+        ),
+        (
+            "threads",
+            f"{baseline['threads']} -> {final['threads']}",
+            final["threads"] == baseline["threads"],
+        ),
+        (
+            "rss growth < 10%",
+            f"{growth:+.1%} (+{final.get('prefix_cache_bytes', 0) >> 20} MiB prefix cache)",
+            growth < 0.10,
+        ),
+    ]
+
+
+async def stress(args: argparse.Namespace, base: str) -> int:
+    await warm_up(args, base)
+    baseline = await settle(base, {"tasks": 10**9, "threads": 10**9})
+    tally = Tally()
+    started = time.monotonic()
+    deadline = trio.current_time() + args.duration
+    async with trio.open_nursery() as nursery:
+        for i in range(args.clients):
+            nursery.start_soon(client_loop, base, deadline, args.seed + i, tally, args.max_requests)
+    storm_s = time.monotonic() - started
+    final = await settle(base, baseline)
+    checks = check_leaks(baseline, final)
+    async with httpx.AsyncClient(timeout=120) as client:
+        response = await client.post(
+            base + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": SHORT}], "max_tokens": 5},
+        )
+    checks.append(("still answers", f"HTTP {response.status_code}", response.status_code == 200))
+    checks.append(("well-formed", f"{len(tally.malformed)} bad", not tally.malformed))
+    print_report(args, tally, checks, storm_s)
+    return 0 if all(ok for _, _, ok in checks) else 1
+
+
+def print_report(args, tally: Tally, checks, storm_s: float) -> None:
+    print(f"\n{tally.started} requests from {args.clients} clients in {storm_s:.1f} s")
+    print(f"{'kind':<8} {'outcome':<28} {'count':>6}")
+    for (kind, outcome), count in sorted(tally.outcomes.items()):
+        print(f"{kind:<8} {outcome:<28} {count:>6}")
+    print(f"\n{'check':<18} {'reading':<36} result")
+    for name, reading, ok in checks:
+        print(f"{name:<18} {reading:<36} {'ok' if ok else 'LEAK/FAIL'}")
+    for problem in tally.malformed[:10]:
+        print("  bad:", problem)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(parallel: int, prefix_cache_mb: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "trioserve",
+        "serve",
+        "--port",
+        str(port),
+        "--parallel",
+        str(parallel),
+        "--prefill-step-size",
+        "64",
+        "--debug-endpoints",
+        "--log-level",
+        "warning",
+        "--prefix-cache-mb",
+        str(prefix_cache_mb),
+    ]
+    process = subprocess.Popen(argv, env={**os.environ})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise SystemExit("the server exited during start-up")
+        time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the server did not become healthy in time")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds of warm-up load")
+    parser.add_argument("--max-requests", type=int, default=5000, help="hard cap on requests")
+    parser.add_argument("--prefix-cache-mb", type=int, default=512, help="for the started server")
+    parser.add_argument("--parallel", type=int, default=4, help="slots of the started server")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--url", help="a running server with --debug-endpoints (loopback)")
+    args = parser.parse_args(argv)
+    if args.url:
+        host = httpx.URL(args.url).host
+        if host not in {"127.0.0.1", "localhost", "::1"}:
+            raise SystemExit("loopback only: --url must point at 127.0.0.1 or localhost")
+        return trio.run(stress, args, args.url.rstrip("/"))
+    process, base = start_server(args.parallel, args.prefix_cache_mb)
+    try:
+        return trio.run(stress, args, base)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""Prometheus metrics, one registry per app (nothing global), served at ``/metrics``.
+
+``RequestObserver`` follows one request's engine events, so the streamed and the
+non-streamed paths record time to first token, inter-token latency, token counts, prefill
+speed and disconnects the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from trioserve.engine.events import Event, Finished, TokenDelta
+from trioserve.engine.scheduler import RequestHandle
+
+__all__ = ["CONTENT_TYPE", "Metrics", "RequestObserver"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+_TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_RATE_BUCKETS = (10, 25, 50, 100, 200, 400, 800, 1600, 3200)
+
+
+class Metrics:
+    """The server's metrics. ``engine_stats`` is read at scrape time for the gauges."""
+
+    def __init__(self, engine_stats: Callable[[], object]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "trioserve_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "trioserve_prompt_tokens",
+            "Prompt tokens of requests that reached decoding",
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "trioserve_generated_tokens", "Tokens generated", registry=r
+        )
+        self.disconnects = Counter(
+            "trioserve_disconnects",
+            "Requests whose client went away, by phase",
+            ["phase"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "trioserve_time_to_first_token_seconds",
+            "From request arrival to the first token",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "trioserve_inter_token_latency_seconds",
+            "Between consecutive tokens of a request",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prefill_rate = Histogram(
+            "trioserve_prefill_tokens_per_second",
+            "Prompt tokens per second, per request",
+            buckets=_RATE_BUCKETS,
+            registry=r,
+        )
+        self._slots_total = Gauge("trioserve_slots", "Slots (parallel sequences)", registry=r)
+        self._slots_busy = Gauge("trioserve_slots_busy", "Slots in use", registry=r)
+        self._queued = Gauge("trioserve_queued_requests", "Requests waiting", registry=r)
+        self._in_batch = Gauge(
+            "trioserve_sequences_in_batch", "Sequences in the model's batch", registry=r
+        )
+        self._engine_stats = engine_stats
+
+    def render(self) -> bytes:
+        stats = self._engine_stats()
+        self._slots_total.set(stats.slots_total)
+        self._slots_busy.set(stats.slots_busy)
+        self._queued.set(stats.queue_length)
+        self._in_batch.set(stats.worker.in_batch)
+        return generate_latest(self.registry)
+
+    def observer(self) -> RequestObserver:
+        return RequestObserver(self)
+
+
+class RequestObserver:
+    """Records one request's timings as its events go by."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+        self._arrived = time.monotonic()
+        self._last_token: float | None = None
+
+    def on_event(self, event: Event, handle: RequestHandle) -> None:
+        if not isinstance(event, TokenDelta | Finished):
+            return
+        now = time.monotonic()
+        if isinstance(event, TokenDelta):
+            self._m.generated_tokens.inc()
+            if self._last_token is None:
+                self._first_token(now, handle)
+            else:
+                self._m.itl.observe(now - self._last_token)
+            self._last_token = now
+
+    def _first_token(self, now: float, handle: RequestHandle) -> None:
+        self._m.ttft.observe(now - self._arrived)
+        self._m.prompt_tokens.inc(handle.prompt_len)
+        admitted = handle.admitted_at
+        if admitted is not None and now > admitted:
+            self._m.prefill_rate.observe(handle.prompt_len / (now - admitted))
+
+    def disconnected(self, phase: str) -> None:
+        self._m.disconnects.labels(phase=phase).inc()
