@@ -52,16 +52,36 @@ class Plan:
     progress: bool
     hang_up: str  # one of PHASES
     long_prompt: bool
+    fault: str | None = None  # "prefill" | "decode": the server's test hook fails it there
 
 
-def random_plan(rng: random.Random) -> Plan:
+def random_plan(rng: random.Random, fault_rate: float = 0.0) -> Plan:
     hang_up = rng.choice(PHASES)
+    fault = None
+    if hang_up == "never" and rng.random() < fault_rate:
+        fault = rng.choice(("prefill", "decode"))
     return Plan(
         streamed=rng.random() < 0.7,
         progress=rng.random() < 0.5,
         hang_up=hang_up,
         long_prompt=hang_up in {"prefill", "queued"} or rng.random() < 0.3,
+        fault=fault,
     )
+
+
+def fault_headers(plan: Plan, rng: random.Random) -> dict[str, str]:
+    if plan.fault is None:
+        return {}
+    return {"X-Request-Id": f"stress-{rng.getrandbits(48):x}", "X-Trioserve-Test-Fault": plan.fault}
+
+
+def reported_error(raw: str) -> str | None:
+    """The code of the error chunk right before [DONE], if the stream ended with one."""
+    blocks = [b for b in raw.split("\n\n") if b.strip()]
+    if len(blocks) < 2 or blocks[-1] != "data: [DONE]" or not blocks[-2].startswith("data: "):
+        return None
+    chunk = json.loads(blocks[-2][6:])
+    return chunk["error"].get("code") if "error" in chunk else None
 
 
 def body_for(plan: Plan, rng: random.Random) -> dict:
@@ -103,8 +123,10 @@ def check_stream(raw: str) -> str | None:
     return None
 
 
-async def run_streamed(client: httpx.AsyncClient, url: str, plan: Plan, body: dict) -> str:
-    headers = PROGRESS_HEADER if plan.progress else {}
+async def run_streamed(
+    client: httpx.AsyncClient, url: str, plan: Plan, body: dict, headers: dict
+) -> str:
+    headers = {**headers, **(PROGRESS_HEADER if plan.progress else {})}
     async with client.stream("POST", url, json=body, headers=headers) as response:
         if response.status_code == 429:
             return "rejected_429"
@@ -125,16 +147,27 @@ async def run_streamed(client: httpx.AsyncClient, url: str, plan: Plan, body: di
                 '"content":""', ""
             ):
                 return f"hung_up_{plan.hang_up}"
+        code = reported_error(raw)
+        if plan.fault is not None:
+            ok = code == "generation_failed"
+            return "fault_reported" if ok else "malformed: injected fault not reported"
+        if code == "queue_timeout":
+            return "queue_timeout"
         problem = check_stream(raw)
         return "completed" if problem is None else f"malformed: {problem}"
 
 
-async def run_plain(client: httpx.AsyncClient, url: str, plan: Plan, body: dict, rng) -> str:
+async def run_plain(
+    client: httpx.AsyncClient, url: str, plan: Plan, body: dict, rng, headers: dict
+) -> str:
     if plan.hang_up == "never":
-        response = await client.post(url, json=body)
+        response = await client.post(url, json=body, headers=headers)
         if response.status_code == 429:
             return "rejected_429"
         payload = response.json()
+        if plan.fault is not None:
+            ok = response.status_code == 500 and payload["error"]["code"] == "generation_failed"
+            return "fault_reported" if ok else "malformed: injected fault not reported"
         if response.status_code != 200 or not payload.get("choices"):
             return f"malformed: http {response.status_code} {str(payload)[:120]}"
         return "completed"
@@ -144,19 +177,22 @@ async def run_plain(client: httpx.AsyncClient, url: str, plan: Plan, body: dict,
     return f"hung_up_plain_{plan.hang_up}"
 
 
-async def client_loop(base: str, deadline: float, seed: int, tally: Tally, limit: int) -> None:
+async def client_loop(
+    base: str, deadline: float, seed: int, tally: Tally, limit: int, fault_rate: float = 0.0
+) -> None:
     rng = random.Random(seed)
     url = base + "/v1/chat/completions"
     async with httpx.AsyncClient(timeout=120) as client:
         while trio.current_time() < deadline and tally.started < limit:
             tally.started += 1
-            plan = random_plan(rng)
+            plan = random_plan(rng, fault_rate)
             body = body_for(plan, rng)
+            headers = fault_headers(plan, rng)
             try:
                 if plan.streamed:
-                    outcome = await run_streamed(client, url, plan, body)
+                    outcome = await run_streamed(client, url, plan, body, headers)
                 else:
-                    outcome = await run_plain(client, url, plan, body, rng)
+                    outcome = await run_plain(client, url, plan, body, rng, headers)
             except httpx.HTTPError as exc:
                 outcome = f"transport_error: {type(exc).__name__}"
             kind = "stream" if plan.streamed else "plain"
@@ -231,7 +267,15 @@ async def stress(args: argparse.Namespace, base: str) -> int:
     deadline = trio.current_time() + args.duration
     async with trio.open_nursery() as nursery:
         for i in range(args.clients):
-            nursery.start_soon(client_loop, base, deadline, args.seed + i, tally, args.max_requests)
+            nursery.start_soon(
+                client_loop,
+                base,
+                deadline,
+                args.seed + i,
+                tally,
+                args.max_requests,
+                args.fault_rate,
+            )
     storm_s = time.monotonic() - started
     final = await settle(base, baseline)
     checks = check_leaks(baseline, final)
@@ -264,7 +308,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(parallel: int, prefix_cache_mb: int) -> tuple[subprocess.Popen, str]:
+def start_server(parallel: int, prefix_cache_mb: int, faults: bool) -> tuple[subprocess.Popen, str]:
     port = free_port()
     argv = [
         sys.executable,
@@ -283,7 +327,8 @@ def start_server(parallel: int, prefix_cache_mb: int) -> tuple[subprocess.Popen,
         "--prefix-cache-mb",
         str(prefix_cache_mb),
     ]
-    process = subprocess.Popen(argv, env={**os.environ})
+    env = {**os.environ, "TRIOSERVE_TEST_FAULTS": "1" if faults else "0"}
+    process = subprocess.Popen(argv, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -308,14 +353,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-cache-mb", type=int, default=512, help="for the started server")
     parser.add_argument("--parallel", type=int, default=4, help="slots of the started server")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--fault-rate",
+        type=float,
+        default=0.05,
+        help="share of requests the started server fails on purpose in prefill or decode "
+        "(its test-only fault hook); each must come back as a clean error",
+    )
     parser.add_argument("--url", help="a running server with --debug-endpoints (loopback)")
     args = parser.parse_args(argv)
     if args.url:
         host = httpx.URL(args.url).host
         if host not in {"127.0.0.1", "localhost", "::1"}:
             raise SystemExit("loopback only: --url must point at 127.0.0.1 or localhost")
+        args.fault_rate = 0.0  # a server we did not start has no fault hook
         return trio.run(stress, args, args.url.rstrip("/"))
-    process, base = start_server(args.parallel, args.prefix_cache_mb)
+    process, base = start_server(args.parallel, args.prefix_cache_mb, args.fault_rate > 0)
     try:
         return trio.run(stress, args, base)
     finally:

@@ -94,9 +94,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prefill-step-size",
         type=int,
-        default=512,
-        help="prompt tokens processed per step; smaller gives finer progress and faster "
-        "cancellation (default: %(default)s)",
+        default=64,
+        help="prompt tokens processed per step: each step is uninterruptible, so smaller "
+        "steps cancel sooner and let other streams decode in between; on a 2-core CPU 64 "
+        "costs ~7%% of prefill speed against the best (default: %(default)s)",
     )
     p.add_argument(
         "--max-tokens",

@@ -20,7 +20,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     parallel: int = 8
-    prefill_step_size: int = 512
+    # Measured on a 2-core CPU (SmolLM2, 1500-token prompt): 212 tok/s at 64, 228 at 128-256,
+    # 212 at 512; 64 keeps each uninterruptible chunk near 0.3 s, so a hang-up wastes little
+    # and decoding streams are not frozen while a long prompt is read.
+    prefill_step_size: int = 64
     max_tokens: int = 2048  # default cap when a request names none
     cors_origins: tuple[str, ...] = ()
     api_key: str | None = None

@@ -26,6 +26,8 @@ def test_short_stress_leaves_no_leak():
             "400",
             "--prefix-cache-mb",
             "32",
+            "--fault-rate",
+            "0.4",
         ],
         capture_output=True,
         text=True,
@@ -36,3 +38,5 @@ def test_short_stress_leaves_no_leak():
     assert "LEAK/FAIL" not in result.stdout
     assert "hung_up" in result.stdout, "no request disconnected: the storm tested nothing"
     assert "completed" in result.stdout
+    # Injected model faults came back as clean errors (a wrong report counts as malformed).
+    assert "fault_reported" in result.stdout

@@ -144,7 +144,7 @@ class EngineConfig:
 
     load: Callable[[], tuple[Any, Any]]
     parallel: int = 8
-    prefill_step_size: int = 512
+    prefill_step_size: int = 64
     max_queue: int | None = None  # waiting requests beyond the slots; None: unbounded
     queue_timeout_s: float | None = None  # longest wait for a slot; None: no limit
     prefix_cache_bytes: int = 0  # KV cache kept for prefix reuse; 0: off

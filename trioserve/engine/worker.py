@@ -38,6 +38,7 @@ from trioserve.engine.events import (
     TopLogprob,
     Usage,
 )
+from trioserve.engine.memory import release_free_heap
 from trioserve.engine.params import GenerationRequest
 from trioserve.engine.prefix_cache import PrefixCache
 from trioserve.engine.sampling import make_request_processors, make_request_sampler
@@ -159,6 +160,7 @@ class Worker:
         block = not self._seqs
         if block:
             mx.clear_cache()
+            release_free_heap()
         while True:
             try:
                 command = self.commands.get(block=block)
