@@ -1,0 +1,107 @@
+"""Prefix cache benchmark: time to first token of a conversation's second turn.
+
+Agentic clients resend the whole conversation every turn. This starts trioserve on loopback,
+sends a fresh ~1750-token first turn, then the second turn (history + answer + a short
+question), and prints both times to first token, the cached token count and their ratio
+(issue 6 goal: second turn <= 0.2x the first). Bounded: 2 conversations, then it stops.
+
+    .venv/bin/python tools/bench_prefix.py [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(base: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit("the server exited during start-up")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the server did not become healthy in time")
+
+
+def turn(base: str, messages: list[dict]) -> tuple[float, str, dict]:
+    """Stream one answer; return (time to first token, text, usage)."""
+    started = time.monotonic()
+    first, text, usage = None, "", {}
+    body = {
+        "messages": messages,
+        "max_tokens": 24,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=300) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.monotonic() - started
+                text += chunk["choices"][0]["delta"]["content"]
+    if first is None:
+        raise SystemExit("no content came back")
+    return first, text, usage
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    port = free_port()
+    argv = [sys.executable, "-m", "trioserve", "serve", "--port", str(port)]
+    process = subprocess.Popen([*argv, "--log-level", "warning"])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, process)
+        for _ in range(args.repeat):
+            history = f"[{uuid.uuid4().hex}] " + " ".join(
+                f"Note {i}: the meeting about topic {i} moved to room {i % 7}." for i in range(95)
+            )
+            first_turn = [{"role": "user", "content": history + " Summarize."}]
+            t1, answer, u1 = turn(base, first_turn)
+            second_turn = [
+                *first_turn,
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "Which room is topic 3 in?"},
+            ]
+            t2, _, u2 = turn(base, second_turn)
+            cached = u2["prompt_tokens_details"]["cached_tokens"]
+            print(
+                f"turn 1: TTFT {t1:.2f} s, {u1['prompt_tokens']} prompt tokens | "
+                f"turn 2: TTFT {t2:.2f} s, {u2['prompt_tokens']} prompt tokens, {cached} cached"
+                f" | ratio {t2 / t1:.3f} (goal <= 0.2)"
+            )
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
