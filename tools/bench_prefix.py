@@ -12,33 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
-import sys
 import time
 import uuid
 
 import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit("the server exited during start-up")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the server did not become healthy in time")
+from local_server import local_server
 
 
 def turn(base: str, messages: list[dict]) -> tuple[float, str, dict]:
@@ -70,12 +48,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
-    port = free_port()
-    argv = [sys.executable, "-m", "trioserve", "serve", "--port", str(port)]
-    process = subprocess.Popen([*argv, "--log-level", "warning"])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, process)
+    with local_server("--log-level", "warning") as base:
         for _ in range(args.repeat):
             history = f"[{uuid.uuid4().hex}] " + " ".join(
                 f"Note {i}: the meeting about topic {i} moved to room {i % 7}." for i in range(95)
@@ -94,12 +67,6 @@ def main() -> int:
                 f"turn 2: TTFT {t2:.2f} s, {u2['prompt_tokens']} prompt tokens, {cached} cached"
                 f" | ratio {t2 / t1:.3f} (goal <= 0.2)"
             )
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
     return 0
 
 

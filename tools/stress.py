@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
 import trio
+from local_server import local_server
 
 PHASES = ("never", "queued", "prefill", "decode")
 SHORT = "Name three colours."
@@ -302,48 +299,6 @@ def print_report(args, tally: Tally, checks, storm_s: float) -> None:
         print("  bad:", problem)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(parallel: int, prefix_cache_mb: int, faults: bool) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "trioserve",
-        "serve",
-        "--port",
-        str(port),
-        "--parallel",
-        str(parallel),
-        "--prefill-step-size",
-        "64",
-        "--debug-endpoints",
-        "--log-level",
-        "warning",
-        "--prefix-cache-mb",
-        str(prefix_cache_mb),
-    ]
-    env = {**os.environ, "TRIOSERVE_TEST_FAULTS": "1" if faults else "0"}
-    process = subprocess.Popen(argv, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise SystemExit("the server exited during start-up")
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit("the server did not become healthy in time")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=32)
@@ -368,15 +323,13 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("loopback only: --url must point at 127.0.0.1 or localhost")
         args.fault_rate = 0.0  # a server we did not start has no fault hook
         return trio.run(stress, args, args.url.rstrip("/"))
-    process, base = start_server(args.parallel, args.prefix_cache_mb, args.fault_rate > 0)
-    try:
+    server_args = [
+        "--parallel", str(args.parallel), "--prefill-step-size", "64", "--debug-endpoints",
+        "--log-level", "warning", "--prefix-cache-mb", str(args.prefix_cache_mb),
+    ]  # fmt: skip
+    faults = {"TRIOSERVE_TEST_FAULTS": "1" if args.fault_rate > 0 else "0"}
+    with local_server(*server_args, env=faults) as base:
         return trio.run(stress, args, base)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_bad_fields_are_400_naming_the_field(tokenizer, body, param):
 
 
 def test_think_template_splits_reasoning_opened_by_the_prompt(tokenizer):
-    p = plan(tokenizer, THINK_TEMPLATE)
+    p = plan(tokenizer, THINK_TEMPLATE.read_text(encoding="utf-8"))
     assert p.shaping.reasoning.start == "<think>" and p.shaping.tool_format is None
     tokens = chat_prompt_tokens(tokenizer, MSG, None, p.template)
     assert shaping_for_prompt(p, tokenizer, tokens).starts_in_reasoning

@@ -32,6 +32,7 @@ from trioserve.engine.scheduler import Engine, EngineConfig
 from trioserve.engine.worker import FaultHook
 from trioserve.lifecycle import Drain
 from trioserve.metrics import Metrics
+from trioserve.models.chat_template import read_chat_template
 from trioserve.web.routes import is_ui_path, web
 
 log = logging.getLogger("trioserve.api")
@@ -47,10 +48,10 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
     from trioserve.models.registry import default_model_name, resolve_model
 
     config = config or ServerConfig.from_env()
-    if config.chat_template is not None:  # a bad file fails the start, not every request
-        from trioserve.models.chat_template import read_chat_template
-
-        read_chat_template(config.chat_template)
+    # Read once: a bad file fails the start, and requests do no file I/O.
+    chat_template = (
+        read_chat_template(config.chat_template) if config.chat_template is not None else None
+    )
     model_dir = resolve_model(str(config.model) if config.model else None, dtype=config.dtype)
     test_faults: dict[str, str] | None = {} if config.test_faults else None
     if engine is None:
@@ -79,6 +80,7 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
         created=int(time.time()),
         drain=Drain(config.shutdown_grace_s),
         metrics=Metrics(engine.stats),
+        chat_template=chat_template,
     )
     if test_faults is not None:
         app.extensions["trioserve"].extras["test_faults"] = test_faults

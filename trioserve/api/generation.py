@@ -60,7 +60,7 @@ async def handle_generation(
         raise RateLimited(f"The server is busy: {exc}.", retry_after_s=2) from None
     plan = None
     if isinstance(parsed, ChatCompletionRequest):  # tools, response_format, reasoning
-        plan = plan_chat(parsed, state.engine.tokenizer, state.config.chat_template)
+        plan = plan_chat(parsed, state.engine.tokenizer, state.chat_template)
     tokens = _prompt_tokens(state, parsed, plan)
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
     _register_test_fault(state, request_id)

@@ -21,6 +21,7 @@ class AppState:
     created: int
     drain: Drain
     metrics: Metrics
+    chat_template: str | None = None  # the --chat-template text, read once at start-up
     load_error: str | None = None
     extras: dict[str, object] = field(default_factory=dict)
 

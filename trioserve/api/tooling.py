@@ -16,7 +16,6 @@ import importlib
 import logging
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -31,7 +30,6 @@ from trioserve.engine.constraints import (
     json_schema_constraint,
     tool_call_constraint,
 )
-from trioserve.models.chat_template import read_chat_template
 from trioserve.streaming.reasoning import ReasoningFormat
 from trioserve.streaming.shaper import ShapingSpec
 from trioserve.streaming.tool_calls import ToolCallFormat
@@ -50,11 +48,11 @@ class ChatPlan:
     shaping: ShapingSpec | None
 
 
-def plan_chat(
-    parsed: ChatCompletionRequest, tokenizer: Any, template_path: Path | None
-) -> ChatPlan:
-    """The plan for one chat request; raises ``BadRequest`` for bad tools or formats."""
-    template = read_chat_template(template_path) if template_path is not None else None
+def plan_chat(parsed: ChatCompletionRequest, tokenizer: Any, template: str | None) -> ChatPlan:
+    """The plan for one chat request; raises ``BadRequest`` for bad tools or formats.
+
+    ``template`` is the ``--chat-template`` text, read once at start-up (None: the model's).
+    """
     tools = _checked_tools(parsed.tools)
     mode, forced_name = _tool_choice(parsed.tool_choice, tools)
     use_tools = tools if mode != "none" else []
