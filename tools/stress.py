@@ -2,11 +2,16 @@
 
 M clients hammer a ``--parallel 4`` server for T seconds on loopback. Each request picks at
 random: streamed or not, opted in to prefill progress or not, and whether and when it hangs
-up (queued, prefill, decode, or never). Afterwards the tool checks, through the server's
-``/debug/state`` (``--debug-endpoints``), that every slot is free, no sequence is left in the
-batch, the Trio task count and the thread count are back to their idle baseline, and RSS grew
-less than 10 %; that every stream that finished was well formed; and that the server still
-answers. It prints a summary and exits 1 on any leak or malformed stream.
+up (queued, prefill, decode, or never). Some requests the server fails on purpose (its
+test-only fault hook), and some clients stop reading mid-stream with the socket open, which
+the server must drop after its ``--send-timeout``; a small ``--max-queue`` and
+``--queue-timeout`` make the overload answers (429, queue timeout) happen too.
+
+Afterwards the tool checks, through the server's ``/debug/state`` (``--debug-endpoints``),
+that every slot is free, no sequence is left in the batch, the Trio task count and the thread
+count are back to their idle baseline, and RSS grew less than 10 %; that every stream that
+finished was well formed; and that the server still answers. It prints a summary, with a
+figure for each fault, and exits 1 on any leak or malformed stream.
 
     python tools/stress.py                      # 32 clients, 60 s, starts its own server
     python tools/stress.py --clients 8 --duration 20
@@ -20,10 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import h11
 import httpx
 import trio
 from local_server import local_server
@@ -34,6 +41,26 @@ LONG = "Summarize this text. " + " ".join(
     f"Sentence {i} is about a walk in the park on a sunny day." for i in range(40)
 )
 PROGRESS_HEADER = {"X-SwiftLM-Prefill-Progress": "true"}
+# The started server drops a stream whose client reads nothing for this long.
+SEND_TIMEOUT_S = 2.0
+# A stalled client that the server has not dropped after this long counts as a failure.
+STALL_LIMIT_S = 30.0
+# A stalled client: greedy, this runs to max_tokens, and logprobs make ~3 KB frames, so the
+# socket buffers fill within a few tokens of the client going quiet.
+STALL_BODY = {
+    "messages": [
+        {
+            "role": "user",
+            "content": "Write the numbers from 1 to 500 on one line, separated by commas, "
+            "with nothing else.",
+        }
+    ],
+    "temperature": 0,
+    "max_tokens": 2000,
+    "stream": True,
+    "logprobs": True,
+    "top_logprobs": 20,
+}
 
 
 @dataclass
@@ -41,6 +68,7 @@ class Tally:
     outcomes: Counter = field(default_factory=Counter)
     malformed: list[str] = field(default_factory=list)
     started: int = 0
+    stall_drops_s: list[float] = field(default_factory=list)  # stall start to slot freed
 
 
 @dataclass(frozen=True)
@@ -50,19 +78,22 @@ class Plan:
     hang_up: str  # one of PHASES
     long_prompt: bool
     fault: str | None = None  # "prefill" | "decode": the server's test hook fails it there
+    stall: bool = False  # stops reading once content flows, socket left open
 
 
-def random_plan(rng: random.Random, fault_rate: float = 0.0) -> Plan:
+def random_plan(rng: random.Random, fault_rate: float = 0.0, stall_rate: float = 0.0) -> Plan:
     hang_up = rng.choice(PHASES)
     fault = None
     if hang_up == "never" and rng.random() < fault_rate:
         fault = rng.choice(("prefill", "decode"))
+    stall = hang_up == "never" and fault is None and rng.random() < stall_rate
     return Plan(
-        streamed=rng.random() < 0.7,
+        streamed=stall or rng.random() < 0.7,
         progress=rng.random() < 0.5,
         hang_up=hang_up,
         long_prompt=hang_up in {"prefill", "queued"} or rng.random() < 0.3,
         fault=fault,
+        stall=stall,
     )
 
 
@@ -145,11 +176,11 @@ async def run_streamed(
             ):
                 return f"hung_up_{plan.hang_up}"
         code = reported_error(raw)
+        if code in {"queue_timeout", "queue_full"}:  # queue_full: it filled after the headers
+            return code  # before any fault could be injected
         if plan.fault is not None:
             ok = code == "generation_failed"
             return "fault_reported" if ok else "malformed: injected fault not reported"
-        if code == "queue_timeout":
-            return "queue_timeout"
         problem = check_stream(raw)
         return "completed" if problem is None else f"malformed: {problem}"
 
@@ -159,9 +190,10 @@ async def run_plain(
 ) -> str:
     if plan.hang_up == "never":
         response = await client.post(url, json=body, headers=headers)
-        if response.status_code == 429:
-            return "rejected_429"
         payload = response.json()
+        if response.status_code == 429:
+            code = payload["error"]["code"]
+            return "queue_timeout" if code == "queue_timeout" else "rejected_429"
         if plan.fault is not None:
             ok = response.status_code == 500 and payload["error"]["code"] == "generation_failed"
             return "fault_reported" if ok else "malformed: injected fault not reported"
@@ -174,28 +206,106 @@ async def run_plain(
     return f"hung_up_plain_{plan.hang_up}"
 
 
+async def run_stalled(base: str, rng: random.Random, tally: Tally) -> str:
+    """Read until content flows, then read nothing, socket open, until the server drops it.
+
+    The server must drop the stream (``--send-timeout``, or the kernel's TCP_USER_TIMEOUT)
+    rather than buffer what the client does not read: the request leaves ``/debug/state``,
+    and reading again yields what was buffered and an end without ``[DONE]``.
+    """
+    url = httpx.URL(base)
+    request_id = f"stall-{rng.getrandbits(48):x}"
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills within a few frames
+    await sock.connect((url.host, url.port))
+    connection = h11.Connection(h11.CLIENT)
+    body = json.dumps(STALL_BODY).encode()
+    headers = [("Host", url.host), ("Content-Type", "application/json")]
+    headers += [("Content-Length", str(len(body))), ("X-Request-Id", request_id)]
+    request = h11.Request(method="POST", target="/v1/chat/completions", headers=headers)
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(
+            connection.send(request) + connection.send(h11.Data(data=body))
+            + connection.send(h11.EndOfMessage())
+        )  # fmt: skip
+        raw, status = b"", None
+
+        async def read_some() -> bool:
+            """One event from the server; False once the response or connection ended."""
+            nonlocal raw, status
+            while (event := connection.next_event()) is h11.NEED_DATA:
+                connection.receive_data(await stream.receive_some(65536))
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                raw += event.data
+            return isinstance(event, (h11.Response, h11.Data))  # else ended (or PAUSED after)
+
+        def content_flows() -> bool:
+            return b'"content":"' in raw.replace(b'"content":""', b"")
+
+        try:
+            while not content_flows() and await read_some():
+                pass
+            if status != 200:
+                return "rejected_429" if status == 429 else f"http_{status}"
+            if not content_flows():  # ended before any content: queue timeout or full
+                code = reported_error(raw.decode())
+                return code if code in {"queue_timeout", "queue_full"} else "malformed: no content"
+            stalled_at = trio.current_time()
+            with trio.move_on_after(STALL_LIMIT_S) as waited:  # the stall: nothing read
+                # Polling another process: no Trio event crosses it.
+                while request_id in (await debug_state(base))["requests"]:  # noqa: ASYNC110
+                    await trio.sleep(0.25)
+            if waited.cancelled_caught:
+                return f"malformed: a stalled stream kept its slot {STALL_LIMIT_S:g} s"
+            tally.stall_drops_s.append(trio.current_time() - stalled_at)
+            with trio.move_on_after(60) as waited:
+                while await read_some():
+                    pass
+            if waited.cancelled_caught:
+                return "malformed: a dropped stream was still sending 60 s later"
+        except (trio.BrokenResourceError, h11.RemoteProtocolError):
+            pass  # reset, or closed before the response was complete: dropped
+    if b"data: [DONE]" in raw:
+        return "malformed: the stalled stream was not dropped"
+    return "dropped_stalled"
+
+
 async def client_loop(
-    base: str, deadline: float, seed: int, tally: Tally, limit: int, fault_rate: float = 0.0
+    base: str,
+    deadline: float,
+    seed: int,
+    tally: Tally,
+    limit: int,
+    fault_rate: float = 0.0,
+    stall_rate: float = 0.0,
 ) -> None:
     rng = random.Random(seed)
     url = base + "/v1/chat/completions"
     async with httpx.AsyncClient(timeout=120) as client:
         while trio.current_time() < deadline and tally.started < limit:
             tally.started += 1
-            plan = random_plan(rng, fault_rate)
+            plan = random_plan(rng, fault_rate, stall_rate)
             body = body_for(plan, rng)
             headers = fault_headers(plan, rng)
             try:
-                if plan.streamed:
+                if plan.stall:
+                    outcome = await run_stalled(base, rng, tally)
+                elif plan.streamed:
                     outcome = await run_streamed(client, url, plan, body, headers)
                 else:
                     outcome = await run_plain(client, url, plan, body, rng, headers)
             except httpx.HTTPError as exc:
-                outcome = f"transport_error: {type(exc).__name__}"
-            kind = "stream" if plan.streamed else "plain"
+                outcome = f"transport_error: {type(exc).__name__}: {exc}"
+            kind = "stall" if plan.stall else "stream" if plan.streamed else "plain"
             tally.outcomes[(kind, outcome.split(":")[0])] += 1
             if outcome.startswith(("malformed", "transport_error", "http_")):
                 tally.malformed.append(f"{kind} {plan}: {outcome}")
+            if outcome in {"rejected_429", "queue_full", "queue_timeout"}:
+                # Back off, as a client honouring Retry-After would (the server says 2-5 s;
+                # shorter here to keep the pressure on).
+                await trio.sleep(rng.uniform(0.5, 2.0))
 
 
 async def debug_state(base: str) -> dict:
@@ -225,7 +335,16 @@ async def warm_up(args: argparse.Namespace, base: str) -> None:
     deadline = trio.current_time() + args.warmup
     async with trio.open_nursery() as nursery:
         for i in range(args.clients):
-            nursery.start_soon(client_loop, base, deadline, 10_000 + i, tally, args.max_requests)
+            nursery.start_soon(
+                client_loop,
+                base,
+                deadline,
+                10_000 + i,
+                tally,
+                args.max_requests,
+                args.fault_rate,
+                args.stall_rate,
+            )
 
 
 def check_leaks(baseline: dict, final: dict) -> list[tuple[str, str, bool]]:
@@ -272,6 +391,7 @@ async def stress(args: argparse.Namespace, base: str) -> int:
                 tally,
                 args.max_requests,
                 args.fault_rate,
+                args.stall_rate,
             )
     storm_s = time.monotonic() - started
     final = await settle(base, baseline)
@@ -287,11 +407,44 @@ async def stress(args: argparse.Namespace, base: str) -> int:
     return 0 if all(ok for _, _, ok in checks) else 1
 
 
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    return f"{ordered[0]:.1f}-{ordered[-1]:.1f} (median {ordered[len(ordered) // 2]:.1f})"
+
+
+def fault_figures(tally: Tally) -> list[tuple[str, str]]:
+    """The faults the storm provoked and how each was answered."""
+
+    def count(*outcomes: str, kinds: tuple[str, ...] = ("plain", "stream", "stall")) -> int:
+        return sum(tally.outcomes[(kind, outcome)] for kind in kinds for outcome in outcomes)
+
+    injected = sum(
+        n for (kind, outcome), n in tally.outcomes.items() if outcome == "fault_reported"
+    )
+    stalled = sum(
+        n for (kind, outcome), n in tally.outcomes.items()
+        if kind == "stall" and outcome not in {"rejected_429", "queue_full", "queue_timeout"}
+    )  # fmt: skip
+    return [
+        ("model faults injected, reported as clean errors", f"{injected}"),
+        ("stalled readers dropped by the server", f"{count('dropped_stalled')} of {stalled}"),
+        ("  seconds from the stall to the freed slot", spread(tally.stall_drops_s)),
+        ("rejected with 429 (queue full)", f"{count('rejected_429')}"),
+        ("  queue full after the headers: error chunk", f"{count('queue_full')}"),
+        ("queue timeouts answered with an error", f"{count('queue_timeout')}"),
+    ]
+
+
 def print_report(args, tally: Tally, checks, storm_s: float) -> None:
     print(f"\n{tally.started} requests from {args.clients} clients in {storm_s:.1f} s")
     print(f"{'kind':<8} {'outcome':<28} {'count':>6}")
     for (kind, outcome), count in sorted(tally.outcomes.items()):
         print(f"{kind:<8} {outcome:<28} {count:>6}")
+    print(f"\n{'fault or overload':<46} count")
+    for label, count in fault_figures(tally):
+        print(f"{label:<46} {count:>5}")
     print(f"\n{'check':<18} {'reading':<36} result")
     for name, reading, ok in checks:
         print(f"{name:<18} {reading:<36} {'ok' if ok else 'LEAK/FAIL'}")
@@ -315,17 +468,41 @@ def main(argv: list[str] | None = None) -> int:
         help="share of requests the started server fails on purpose in prefill or decode "
         "(its test-only fault hook); each must come back as a clean error",
     )
+    parser.add_argument(
+        "--stall-rate",
+        type=float,
+        default=0.05,
+        help="share of requests whose client stops reading mid-stream with the socket open; "
+        f"the started server (--send-timeout {SEND_TIMEOUT_S:g}) must drop each",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        help="queue bound of the started server; beyond it requests get 429 (default: half "
+        "the clients)",
+    )
+    parser.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a request of the started server may wait for a slot (default: %(default)s)",
+    )
     parser.add_argument("--url", help="a running server with --debug-endpoints (loopback)")
     args = parser.parse_args(argv)
+    if args.max_queue is None:
+        args.max_queue = max(1, args.clients // 2)
     if args.url:
         host = httpx.URL(args.url).host
         if host not in {"127.0.0.1", "localhost", "::1"}:
             raise SystemExit("loopback only: --url must point at 127.0.0.1 or localhost")
         args.fault_rate = 0.0  # a server we did not start has no fault hook
+        args.stall_rate = 0.0  # nor our short --send-timeout
         return trio.run(stress, args, args.url.rstrip("/"))
     server_args = [
         "--parallel", str(args.parallel), "--prefill-step-size", "64", "--debug-endpoints",
         "--log-level", "warning", "--prefix-cache-mb", str(args.prefix_cache_mb),
+        "--send-timeout", str(SEND_TIMEOUT_S), "--max-queue", str(args.max_queue),
+        "--queue-timeout", str(args.queue_timeout),
     ]  # fmt: skip
     faults = {"TRIOSERVE_TEST_FAULTS": "1" if args.fault_rate > 0 else "0"}
     with local_server(*server_args, env=faults) as base:

@@ -73,7 +73,7 @@ async def _serve(config: ServerConfig) -> int:
         await worker_serve(
             wrap_app(app, hc.wsgi_max_body_size, None),
             hc,
-            sockets=bounded_send_sockets(hc),
+            sockets=served_sockets(hc, config.send_timeout_s),
             shutdown_trigger=stop.wait,
         )
         nursery.cancel_scope.cancel()
@@ -91,12 +91,24 @@ async def _serve(config: ServerConfig) -> int:
 SEND_BUFFER_BYTES = 64 * 1024
 
 
-def bounded_send_sockets(hc: HypercornConfig):  # -> hypercorn.config.Sockets
-    """Hypercorn's listening sockets with a capped SO_SNDBUF, which accepted connections
-    inherit."""
+def served_sockets(hc: HypercornConfig, send_timeout_s: float | None):  # -> hypercorn Sockets
+    """Hypercorn's listening sockets, with options that accepted connections inherit.
+
+    - SO_SNDBUF capped (above).
+    - TCP_USER_TIMEOUT = --send-timeout: the kernel aborts a connection whose client has kept
+      its receive window shut (read nothing) that long. Dropping the stream frees the slot,
+      but Hypercorn's write of the last frame waits, shielded, until the client reads again;
+      only closing the socket ends that write, so a stalled reader cannot pin a connection.
+      Linux 5.11+ counts zero-window time; older kernels keep the connection until the
+      client reads (the slot is freed either way).
+    """
     sockets = hc.create_sockets()
     for sock in (*sockets.insecure_sockets, *sockets.secure_sockets):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if send_timeout_s and tcp and hasattr(socket, "TCP_USER_TIMEOUT"):
+            user_timeout_ms = max(1, round(send_timeout_s * 1000))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
         sock.listen(hc.backlog)  # Hypercorn listens only on sockets it made itself
     return sockets
 

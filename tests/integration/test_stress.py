@@ -1,4 +1,5 @@
-"""The short variant of tools/stress.py: random disconnects, then no leak anywhere."""
+"""The short variant of tools/stress.py: random disconnects, injected model faults, stalled
+readers and overload, then no leak anywhere."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def test_short_stress_leaves_no_leak():
             "32",
             "--fault-rate",
             "0.4",
+            "--stall-rate",
+            "0.3",
         ],
         capture_output=True,
         text=True,
@@ -40,3 +43,5 @@ def test_short_stress_leaves_no_leak():
     assert "completed" in result.stdout
     # Injected model faults came back as clean errors (a wrong report counts as malformed).
     assert "fault_reported" in result.stdout
+    # Clients that stopped reading with the socket open were dropped, slot and connection.
+    assert "dropped_stalled" in result.stdout

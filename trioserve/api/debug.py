@@ -1,8 +1,8 @@
 """``/debug/state`` (only with ``--debug-endpoints``): what a leak check needs to see.
 
 Counts every Trio task in the process by walking the task tree from the root, the OS threads,
-the resident memory, and the engine's slots and batch. ``tools/stress.py`` compares these
-before and after a storm of requests.
+the resident memory, the engine's slots and batch, and the ids of the requests in it.
+``tools/stress.py`` compares these before and after a storm of requests.
 """
 
 from __future__ import annotations
@@ -54,4 +54,5 @@ async def debug_state():
         "tracked": stats.worker.tracked,
         "worker_failures": stats.worker.failures,
         "prefix_cache_bytes": stats.worker.prefix_cache_bytes,
+        "requests": app_state().engine.request_ids(),
     }

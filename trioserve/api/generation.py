@@ -54,10 +54,7 @@ async def handle_generation(
         raise ServiceUnavailable(state.load_error or "The model is still loading.", retry_after_s=2)
     if state.drain.draining:
         raise ServiceUnavailable("The server is shutting down.")
-    try:
-        state.engine.check_admission()
-    except QueueFull as exc:
-        raise RateLimited(f"The server is busy: {exc}.", retry_after_s=2) from None
+    _admit(state)
     plan = None
     if isinstance(parsed, ChatCompletionRequest):  # tools, response_format, reasoning
         plan = plan_chat(parsed, state.engine.tokenizer, state.chat_template)
@@ -84,6 +81,7 @@ async def handle_generation(
         gen.max_tokens,
         parsed.stream,
     )
+    _admit(state)  # again: the queue may have filled while the prompt was prepared
     if parsed.stream:
         return _stream_response(state, gen, builder, parsed, shaping)
     return await _complete(state, gen, builder, parsed, kind, shaping)
@@ -123,6 +121,16 @@ def _prompt_tokens(
             param=param,
         )
     return tokens
+
+
+def _admit(state: AppState) -> None:
+    """429 (with Retry-After) when the request would wait behind ``--max-queue`` others."""
+    try:
+        state.engine.check_admission()
+    except QueueFull as exc:
+        raise RateLimited(
+            f"The server is busy: {exc}.", code="queue_full", retry_after_s=2
+        ) from None
 
 
 def _stream_response(

@@ -260,6 +260,11 @@ class Engine:
             worker=self._snapshot,
         )
 
+    def request_ids(self) -> list[str]:
+        """Ids of the requests queued or holding a slot (for /debug/state)."""
+        handles = [*self._waiting, *self._by_ticket.values()]
+        return [handle.request.request_id for handle in handles]
+
     async def wait_until(self, predicate: Callable[[EngineStats], bool]) -> EngineStats:
         """Wait until ``predicate(stats)`` holds; re-checked after every worker step."""
         while not predicate(stats := self.stats()):

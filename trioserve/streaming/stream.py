@@ -29,7 +29,7 @@ import trio
 
 from trioserve.engine.events import Event, Failed, Finished, PrefillProgress, TokenDelta
 from trioserve.engine.params import GenerationRequest
-from trioserve.engine.scheduler import Engine, QueueTimeout, RequestHandle
+from trioserve.engine.scheduler import Engine, QueueFull, QueueTimeout, RequestHandle
 from trioserve.lifecycle import Drain
 from trioserve.metrics import RequestObserver
 from trioserve.streaming import sse
@@ -76,6 +76,16 @@ async def sse_frames(
     engine: Engine, request: GenerationRequest, builder: ChunkBuilder, options: StreamOptions
 ) -> AsyncIterator[bytes]:
     """The stream's SSE frames, ending with ``data: [DONE]``."""
+    try:
+        # Checked before the headers too; the queue may have filled since. No checkpoint
+        # lies between this and submit's own check, so the two agree.
+        engine.check_admission()
+    except QueueFull as exc:
+        yield sse.data(
+            error_payload(f"The server is busy: {exc}.", "rate_limit_error", "queue_full")
+        )
+        yield sse.DONE
+        return
     send, receive = trio.open_memory_channel[bytes](FRAME_BUFFER)
     state = _State()
     async with engine.submit(request) as handle, trio.open_nursery() as nursery:
