@@ -321,6 +321,8 @@ async def settle(base: str, baseline: dict, timeout_s: float = 10.0) -> dict:
     while True:
         state = await debug_state(base)
         idle = state["slots_busy"] == 0 and state["in_batch"] == 0 and state["queue_length"] == 0
+        # The worker hands its buffers back only once it goes idle: read RSS after that.
+        idle = idle and state.get("worker_idle", True)
         if idle and state["tasks"] <= baseline["tasks"] and state["threads"] <= baseline["threads"]:
             return state
         if trio.current_time() > deadline:
@@ -369,7 +371,8 @@ def check_leaks(baseline: dict, final: dict) -> list[tuple[str, str, bool]]:
         ),
         (
             "rss growth < 10%",
-            f"{growth:+.1%} (+{final.get('prefix_cache_bytes', 0) >> 20} MiB prefix cache)",
+            f"{growth:+.1%} ({unaccounted(baseline) >> 20} -> {unaccounted(final) >> 20} MiB"
+            f" + {final.get('prefix_cache_bytes', 0) >> 20} MiB prefix cache)",
             growth < 0.10,
         ),
     ]
@@ -445,9 +448,9 @@ def print_report(args, tally: Tally, checks, storm_s: float) -> None:
     print(f"\n{'fault or overload':<46} count")
     for label, count in fault_figures(tally):
         print(f"{label:<46} {count:>5}")
-    print(f"\n{'check':<18} {'reading':<36} result")
+    print(f"\n{'check':<18} {'reading':<44} result")
     for name, reading, ok in checks:
-        print(f"{name:<18} {reading:<36} {'ok' if ok else 'LEAK/FAIL'}")
+        print(f"{name:<18} {reading:<44} {'ok' if ok else 'LEAK/FAIL'}")
     for problem in tally.malformed[:10]:
         print("  bad:", problem)
 

@@ -237,3 +237,15 @@ async def test_batch_fault_fails_every_sequence_and_the_engine_starts_afresh(ope
         assert stats.slots_busy == 0 and stats.worker.failures == 1
         good = await collect(engine, chat_request(engine, "What is the capital of France?"))
         assert "Paris" in text_of(good)
+
+
+async def test_worker_reports_idle_once_work_ends_and_busy_while_it_runs(open_engine):
+    async with open_engine(parallel=1) as engine:
+        with trio.fail_after(30):
+            await engine.wait_until(lambda s: s.worker.idle)  # after start-up's warm-up
+        async with engine.submit(chat_request(engine, "Name a colour.", 8)) as handle:
+            async for _ in handle.events():
+                assert not engine.stats().worker.idle  # a step has run since
+        with trio.fail_after(30):
+            stats = await engine.wait_until(lambda s: s.worker.idle)
+        assert stats.worker.in_batch == 0

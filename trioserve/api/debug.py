@@ -54,5 +54,6 @@ async def debug_state():
         "tracked": stats.worker.tracked,
         "worker_failures": stats.worker.failures,
         "prefix_cache_bytes": stats.worker.prefix_cache_bytes,
+        "worker_idle": stats.worker.idle,  # memory handed back: RSS readings compare
         "requests": app_state().engine.request_ids(),
     }

@@ -87,6 +87,7 @@ class WorkerSnapshot:
     generated_tokens: int = 0
     failures: int = 0
     prefix_cache_bytes: int = 0
+    idle: bool = False  # nothing to compute, and the memory it used is handed back
 
 
 # Called on the Trio thread with the step's events and the state after the step.
@@ -158,9 +159,11 @@ class Worker:
         # Block only while there is nothing to compute. Going idle, hand MLX's buffer cache
         # back to the system: an idle server should not sit on its peak memory.
         block = not self._seqs
-        if block:
+        if block and not self._snapshot.idle:
             mx.clear_cache()
             release_free_heap()
+            self._snapshot = replace(self._snapshot, idle=True)
+            self._schedule(deliver, [], self._snapshot)
         while True:
             try:
                 command = self.commands.get(block=block)
@@ -362,6 +365,7 @@ class Worker:
             in_batch=_batch_size(self._gen),
             tracked=len(self._seqs),
             prefix_cache_bytes=self._prefix.nbytes,
+            idle=False,
             steps=self._snapshot.steps + 1,
             prompt_tokens=stats.prompt_tokens,
             generated_tokens=stats.generation_tokens,
