@@ -136,6 +136,8 @@ def test_completions_non_streamed(server):
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"].strip()
     assert body["usage"]["prompt_tokens"] >= 5
+    # A completion continues the prompt's text: the first word keeps its space (" Paris").
+    assert body["choices"][0]["text"].startswith(" "), body["choices"][0]["text"]
 
 
 GOOD_MESSAGES = [{"role": "user", "content": "hi"}]

@@ -188,6 +188,7 @@ class SamplingRequest(_Model):
             stop=self.stop_strings(),
             sampling=self.sampling_params(default_temperature),
             request_id=request_id,
+            continues_prompt=isinstance(self, CompletionRequest),
         )
 
 

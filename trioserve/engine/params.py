@@ -37,6 +37,8 @@ class GenerationRequest:
         sampling: sampling parameters.
         request_id: the id used in logs and responses.
         constraint: a grammar the output must follow (structured output, forced tool calls).
+        continues_prompt: the output continues the prompt's text (raw completions), so a
+            leading space of the first token is kept.
     """
 
     prompt_tokens: tuple[int, ...]
@@ -45,3 +47,4 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     constraint: Constraint | None = None
+    continues_prompt: bool = False

@@ -43,7 +43,7 @@ from trioserve.engine.params import GenerationRequest
 from trioserve.engine.prefix_cache import PrefixCache
 from trioserve.engine.sampling import make_request_processors, make_request_sampler
 from trioserve.engine.text import StopStringFilter
-from trioserve.engine.token_text import token_piece
+from trioserve.engine.token_text import streaming_detokenizer, token_piece
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class Worker:
         seq = _Sequence(
             ticket=ticket,
             uid=uid,
-            detokenizer=self._tokenizer.detokenizer,
+            detokenizer=streaming_detokenizer(self._tokenizer, req.continues_prompt),
             stops=StopStringFilter(req.stop),
             prompt_len=len(req.prompt_tokens),
             cached=cached,
