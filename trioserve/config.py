@@ -20,10 +20,12 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     parallel: int = 8
-    # Measured on a 2-core CPU (SmolLM2, 1500-token prompt): 212 tok/s at 64, 228 at 128-256,
-    # 212 at 512; 64 keeps each uninterruptible chunk near 0.3 s, so a hang-up wastes little
-    # and decoding streams are not frozen while a long prompt is read.
+    # Prompt tokens per model call. While others decode: 64 keeps each chunk near 0.3 s on a
+    # 2-core CPU, so decoding streams are not frozen while a long prompt is read. Alone: 256
+    # (SmolLM2, 1513-token prompt: 6.5-6.6 s against 7.0 s at 64); a hang-up cuts a chunk
+    # between layers either way (engine/prefill_gate.py).
     prefill_step_size: int = 64
+    solo_prefill_step_size: int = 256
     max_tokens: int = 2048  # default cap when a request names none
     cors_origins: tuple[str, ...] = ()
     api_key: str | None = None

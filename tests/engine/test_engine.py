@@ -249,3 +249,41 @@ async def test_worker_reports_idle_once_work_ends_and_busy_while_it_runs(open_en
         with trio.fail_after(30):
             stats = await engine.wait_until(lambda s: s.worker.idle)
         assert stats.worker.in_batch == 0
+
+
+VERY_LONG_PROMPT = "Summarize this text. " + " ".join(
+    f"Sentence number {i} talks about the weather in a small town." for i in range(70)
+)
+
+
+async def test_cancel_mid_prefill_cuts_the_chunk_between_layers(open_engine):
+    # Alone, the prompt is read in 400-token chunks. The first progress event arrives once
+    # the first chunk is done, so the cancel lands while the second (~1-2 s) runs.
+    async with open_engine(parallel=1, solo_prefill_step_size=400) as engine:
+        request = chat_request(engine, VERY_LONG_PROMPT, max_tokens=20)
+        assert len(request.prompt_tokens) > 800
+        steps = await _cancel_after(engine, request, lambda e: isinstance(e, PrefillProgress))
+        await _assert_released_within_one_step(engine, steps)
+        assert engine.stats().worker.prefill_cuts == 1
+        assert engine.stats().worker.failures == 0
+        # The fresh batch after the cut answers normally.
+        events = await collect(engine, chat_request(engine, "What is the capital of France?"))
+        assert "Paris" in text_of(events)
+
+
+async def test_a_cancel_never_cuts_a_chunk_that_another_sequence_needs(open_engine):
+    async with open_engine(parallel=2, solo_prefill_step_size=400) as engine:
+        question = chat_request(engine, "What is the capital of France?", max_tokens=40)
+        solo = await collect(engine, question)
+        async with trio.open_nursery() as nursery:
+            shared: list = []
+
+            async def ask() -> None:
+                shared.extend(await collect(engine, question))
+
+            nursery.start_soon(ask)
+            request = chat_request(engine, VERY_LONG_PROMPT, max_tokens=20)
+            await _cancel_after(engine, request, lambda e: isinstance(e, PrefillProgress))
+        assert engine.stats().worker.prefill_cuts == 0
+        assert tokens_of(shared) == tokens_of(solo)
+        assert finish_of(shared) == finish_of(solo)

@@ -60,6 +60,7 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
                 load=lambda: load_model(model_dir),
                 parallel=config.parallel,
                 prefill_step_size=config.prefill_step_size,
+                solo_prefill_step_size=config.solo_prefill_step_size,
                 max_queue=config.max_queue,
                 queue_timeout_s=config.queue_timeout_s,
                 prefix_cache_bytes=config.prefix_cache_mb * 1024 * 1024,

@@ -53,6 +53,7 @@ async def debug_state():
         "in_batch": stats.worker.in_batch,
         "tracked": stats.worker.tracked,
         "worker_failures": stats.worker.failures,
+        "prefill_cuts": stats.worker.prefill_cuts,
         "prefix_cache_bytes": stats.worker.prefix_cache_bytes,
         "worker_idle": stats.worker.idle,  # memory handed back: RSS readings compare
         "requests": app_state().engine.request_ids(),

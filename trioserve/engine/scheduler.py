@@ -144,7 +144,8 @@ class EngineConfig:
 
     load: Callable[[], tuple[Any, Any]]
     parallel: int = 8
-    prefill_step_size: int = 64
+    prefill_step_size: int = 64  # while other sequences decode
+    solo_prefill_step_size: int = 0  # when none does; 0: the same
     max_queue: int | None = None  # waiting requests beyond the slots; None: unbounded
     queue_timeout_s: float | None = None  # longest wait for a slot; None: no limit
     prefix_cache_bytes: int = 0  # KV cache kept for prefix reuse; 0: off
@@ -173,6 +174,7 @@ class Engine:
             WorkerConfig(
                 parallel=self.config.parallel,
                 prefill_step_size=self.config.prefill_step_size,
+                solo_prefill_step_size=self.config.solo_prefill_step_size,
                 fault_hook=self.config.fault_hook,
                 prefix_cache_bytes=self.config.prefix_cache_bytes,
                 load=self.config.load,
@@ -211,9 +213,10 @@ class Engine:
         self.ready = True
         self._ready_event.set()
         log.info(
-            "engine ready: %d slot(s), prefill step %d",
+            "engine ready: %d slot(s), prefill step %d (%d when nothing decodes)",
             self.config.parallel,
             self.config.prefill_step_size,
+            self.config.solo_prefill_step_size or self.config.prefill_step_size,
         )
 
     def _deliver(self, events: list[tuple[Ticket, Event]], snapshot: WorkerSnapshot) -> None:

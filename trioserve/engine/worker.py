@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,6 +41,7 @@ from trioserve.engine.events import (
 )
 from trioserve.engine.memory import release_free_heap
 from trioserve.engine.params import GenerationRequest
+from trioserve.engine.prefill_gate import PrefillCancelled, install_prefill_gates
 from trioserve.engine.prefix_cache import PrefixCache
 from trioserve.engine.sampling import make_request_processors, make_request_sampler
 from trioserve.engine.text import StopStringFilter
@@ -86,6 +88,7 @@ class WorkerSnapshot:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     failures: int = 0
+    prefill_cuts: int = 0  # prefill chunks cut short between layers by a cancel
     prefix_cache_bytes: int = 0
     idle: bool = False  # nothing to compute, and the memory it used is handed back
 
@@ -109,7 +112,8 @@ class _Sequence:
 @dataclass
 class WorkerConfig:
     parallel: int
-    prefill_step_size: int
+    prefill_step_size: int  # while other sequences decode
+    solo_prefill_step_size: int = 0  # when none does; 0: the same as prefill_step_size
     # Tests only: called with ("prefill" | "decode", request) before each step that involves
     # the request; raising simulates a model failure.
     fault_hook: FaultHook | None = None
@@ -125,6 +129,8 @@ class Worker:
         # ``schedule(fn, *args)`` runs fn on the Trio thread (TrioToken.run_sync_soon).
         self._schedule = schedule
         self.commands: queue.SimpleQueue[Submit | Cancel | Stop] = queue.SimpleQueue()
+        # Commands taken during a step (at a prefill checkpoint), served before the queue.
+        self._deferred: deque[Submit | Cancel | Stop] = deque()
         self._seqs: dict[int, _Sequence] = {}
         self._by_ticket: dict[Ticket, _Sequence] = {}
         self._snapshot = WorkerSnapshot()
@@ -138,6 +144,7 @@ class Worker:
     def run(self, on_ready: Callable[[Any], None], deliver: Deliver) -> None:
         """Load the model, then serve commands until ``Stop``. Blocks the calling thread."""
         self._model, self._tokenizer = self._config.load()
+        install_prefill_gates(self._model, self._prefill_checkpoint)
         self._gen = self._new_generator()
         self._warm_up()
         self._schedule(on_ready, self._tokenizer)
@@ -166,7 +173,7 @@ class Worker:
             self._schedule(deliver, [], self._snapshot)
         while True:
             try:
-                command = self.commands.get(block=block)
+                command = self._deferred.popleft() if self._deferred else self.commands.get(block)
             except queue.Empty:
                 break
             block = False
@@ -238,7 +245,11 @@ class Worker:
             self._run_fault_hook(events)
             if not self._seqs:
                 return
+            self._choose_prefill_step()
             prompt_responses, generation_responses = self._gen.next()
+        except PrefillCancelled:
+            self._restart_after_cut()
+            return
         except Exception as exc:
             # A failed step leaves the batch in an unknown state: fail it all, start afresh.
             self._fail_all(exc, events)
@@ -255,6 +266,39 @@ class Worker:
             seq = self._seqs.get(r.uid)
             if seq is not None:
                 self._on_token(seq, r, events)
+
+    def _choose_prefill_step(self) -> None:
+        """Short prefill chunks while others decode (each chunk holds them up), long ones
+        when nobody waits on the step (faster; a hang-up still cuts in between layers)."""
+        step = self._config.prefill_step_size
+        if self._config.solo_prefill_step_size and not len(self._gen._generation_batch):
+            step = self._config.solo_prefill_step_size
+        # mlx-lm reads the step from both at each next(); no public setter.
+        self._gen.prefill_step_size = step
+        self._gen._prompt_batch.prefill_step_size = step
+
+    def _prefill_checkpoint(self) -> None:
+        """Between two layers of a prefill chunk: take the commands that arrived, and cut the
+        chunk short when every sequence in the batch has been cancelled (nobody else would
+        lose anything by dropping the batch)."""
+        while True:
+            try:
+                self._deferred.append(self.commands.get_nowait())
+            except queue.Empty:
+                break
+        cancelled = {c.ticket for c in self._deferred if isinstance(c, Cancel)}
+        if self._seqs and all(seq.ticket in cancelled for seq in self._seqs.values()):
+            raise PrefillCancelled
+
+    def _restart_after_cut(self) -> None:
+        """A chunk was cut mid-model: the batch's caches are half-written, so start a fresh
+        batch. Everything in it was cancelled; its consumers are gone."""
+        log.info("prefill cut short between layers: all %d sequence(s) cancelled", len(self._seqs))
+        self._seqs.clear()
+        self._by_ticket.clear()
+        self._snapshot = replace(self._snapshot, prefill_cuts=self._snapshot.prefill_cuts + 1)
+        self._gen.close()
+        self._gen = self._new_generator()
 
     def _run_fault_hook(self, events: list[tuple[Ticket, Event]]) -> None:
         """Tests only: the hook raising fails that one sequence, as a per-sequence model
