@@ -82,7 +82,9 @@ class Plan:
 
 
 def random_plan(rng: random.Random, fault_rate: float = 0.0, stall_rate: float = 0.0) -> Plan:
-    hang_up = rng.choice(PHASES)
+    # "never" twice as likely as each hang-up phase: completions, injected faults and stalls
+    # all come out of the requests that do not hang up.
+    hang_up = rng.choices(PHASES, weights=(2, 1, 1, 1))[0]
     fault = None
     if hang_up == "never" and rng.random() < fault_rate:
         fault = rng.choice(("prefill", "decode"))
@@ -283,10 +285,13 @@ async def client_loop(
 ) -> None:
     rng = random.Random(seed)
     url = base + "/v1/chat/completions"
+    stall_again = False  # a stall turned away by the queue is tried again
     async with httpx.AsyncClient(timeout=120) as client:
         while trio.current_time() < deadline and tally.started < limit:
             tally.started += 1
             plan = random_plan(rng, fault_rate, stall_rate)
+            if stall_again:
+                plan = Plan(True, False, "never", long_prompt=False, stall=True)
             body = body_for(plan, rng)
             headers = fault_headers(plan, rng)
             try:
@@ -302,7 +307,9 @@ async def client_loop(
             tally.outcomes[(kind, outcome.split(":")[0])] += 1
             if outcome.startswith(("malformed", "transport_error", "http_")):
                 tally.malformed.append(f"{kind} {plan}: {outcome}")
-            if outcome in {"rejected_429", "queue_full", "queue_timeout"}:
+            rejected = outcome in {"rejected_429", "queue_full", "queue_timeout"}
+            stall_again = plan.stall and rejected
+            if rejected:
                 # Back off, as a client honouring Retry-After would (the server says 2-5 s;
                 # shorter here to keep the pressure on).
                 await trio.sleep(rng.uniform(0.5, 2.0))
