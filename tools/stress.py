@@ -337,23 +337,29 @@ async def settle(base: str, baseline: dict, timeout_s: float = 10.0) -> dict:
         await trio.sleep(0.2)
 
 
-async def warm_up(args: argparse.Namespace, base: str) -> None:
-    """A short storm of the same kind first, so the baseline is taken at a working size
-    (MLX's buffers, the allocator's arenas, Python's caches), not on a cold process."""
-    tally = Tally()
-    deadline = trio.current_time() + args.warmup
+async def storm(
+    args: argparse.Namespace, base: str, seconds: float, seed: int, tally: Tally
+) -> None:
+    """``args.clients`` clients for ``seconds``, client i drawing its plans from ``seed + i``."""
+    deadline = trio.current_time() + seconds
     async with trio.open_nursery() as nursery:
         for i in range(args.clients):
             nursery.start_soon(
                 client_loop,
                 base,
                 deadline,
-                10_000 + i,
+                seed + i,
                 tally,
                 args.max_requests,
                 args.fault_rate,
                 args.stall_rate,
             )
+
+
+async def warm_up(args: argparse.Namespace, base: str) -> None:
+    """A short storm of the same kind first, so the baseline is taken at a working size
+    (MLX's buffers, the allocator's arenas, Python's caches), not on a cold process."""
+    await storm(args, base, args.warmup, 10_000, Tally())
 
 
 def check_leaks(baseline: dict, final: dict) -> list[tuple[str, str, bool]]:
@@ -390,19 +396,7 @@ async def stress(args: argparse.Namespace, base: str) -> int:
     baseline = await settle(base, {"tasks": 10**9, "threads": 10**9})
     tally = Tally()
     started = time.monotonic()
-    deadline = trio.current_time() + args.duration
-    async with trio.open_nursery() as nursery:
-        for i in range(args.clients):
-            nursery.start_soon(
-                client_loop,
-                base,
-                deadline,
-                args.seed + i,
-                tally,
-                args.max_requests,
-                args.fault_rate,
-                args.stall_rate,
-            )
+    await storm(args, base, args.duration, args.seed, tally)
     storm_s = time.monotonic() - started
     final = await settle(base, baseline)
     checks = check_leaks(baseline, final)
