@@ -30,6 +30,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from trioserve.engine.constraints import make_constraint_processor
+from trioserve.engine.cpu_kernels import install_cpu_kernels
 from trioserve.engine.events import (
     Event,
     Failed,
@@ -39,7 +40,7 @@ from trioserve.engine.events import (
     TopLogprob,
     Usage,
 )
-from trioserve.engine.memory import release_free_heap
+from trioserve.engine.memory import keep_freed_heap, release_free_heap
 from trioserve.engine.params import GenerationRequest
 from trioserve.engine.prefill_gate import PrefillCancelled, install_prefill_gates
 from trioserve.engine.prefix_cache import PrefixCache
@@ -143,7 +144,9 @@ class Worker:
 
     def run(self, on_ready: Callable[[Any], None], deliver: Deliver) -> None:
         """Load the model, then serve commands until ``Stop``. Blocks the calling thread."""
+        keep_freed_heap()
         self._model, self._tokenizer = self._config.load()
+        install_cpu_kernels(self._model)
         install_prefill_gates(self._model, self._prefill_checkpoint)
         self._gen = self._new_generator()
         self._warm_up()
