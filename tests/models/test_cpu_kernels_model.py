@@ -42,3 +42,10 @@ def test_not_installed_when_mlx_is_not_on_the_cpu(model_dir: Path, monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     assert install_cpu_kernels(model) is False
     assert type(model.layers[0].self_attn) is llama.Attention
+
+
+def test_the_off_switch_keeps_mlx_lm_s_layers(model_dir: Path, monkeypatch):
+    model, _ = load_model(model_dir)
+    monkeypatch.setenv("TRIOSERVE_NO_CPU_KERNELS", "1")
+    assert install_cpu_kernels(model) is False
+    assert type(model.layers[0].self_attn) is llama.Attention
