@@ -18,7 +18,7 @@ def _prefill_logits(model, tokens: list[int], step: int) -> mx.array:
     for start in range(0, len(tokens) - 1, step):
         model(prompt[:, start : min(start + step, len(tokens) - 1)], cache=cache)
         mx.eval([c.state for c in cache])
-    logits = model(prompt[:, -1:], cache=cache)[0, -1]
+    logits = model(prompt[:, -1:], cache=cache)[0, -1]  # a decode step (one token)
     return logits, cache
 
 
@@ -26,11 +26,15 @@ def test_installed_kernels_give_mlx_lm_s_predictions(model_dir: Path, ask):
     model, tokenizer = load_model(model_dir)  # a model of its own: installing changes it
     tokens = tokenizer.encode("The history of the river valley, told slowly. " * 60)
     reference, _ = _prefill_logits(model, tokens, step=128)
+    # Prefill with mlx-lm's layers, then one decode step with ours: the decode path alone.
+    _, reference_cache = _prefill_logits(model, tokens[:-1], step=128)
 
     assert install_cpu_kernels(model) is True
     assert all(isinstance(layer.self_attn, llama.Attention) for layer in model.layers)
     assert type(model.layers[0].self_attn) is not llama.Attention
-    fast, cache = _prefill_logits(model, tokens, step=128)
+    fast, _ = _prefill_logits(model, tokens, step=128)
+    decoded = model(mx.array([tokens[-1:]]), cache=reference_cache)[0, -1]
+    assert mx.allclose(decoded, reference, atol=2e-3, rtol=1e-3).item()
 
     assert mx.argmax(fast).item() == mx.argmax(reference).item()
     assert mx.allclose(fast, reference, atol=2e-3, rtol=1e-3).item(), mx.abs(fast - reference).max()

@@ -41,9 +41,10 @@ def _left_padded_causal(length: int, span: int, padding: list[int]) -> mx.array:
     return rows & pad
 
 
+@pytest.mark.parametrize("length", [37, 1], ids=["prefill", "decode"])
 @pytest.mark.parametrize("mask_kind", ["causal", "none", "bool_batch", "bool_per_head", "additive"])
-def test_attention_matches_mlx_sdpa(mask_kind: str):
-    length, span = 37, 120
+def test_attention_matches_mlx_sdpa(mask_kind: str, length: int):
+    span = 120
     q, k, v = _qkv(2, length, span)
     masks = {
         "causal": "causal",

@@ -11,9 +11,10 @@ So here ``exp`` is built from cheap ops in compiled elementwise kernels: ``e^x =
 with ``n = round(x log2 e)`` found by the float32 rounding trick, ``2^f`` (``|f| <= 1/2``) by
 a degree-6 polynomial (relative error ~3e-6, as ``mx.exp``'s here), and ``2^n`` written into
 the exponent bits (~7-12 ms for those 2.9 M scores instead of 40). The attention and MLP of
-mlx-lm's llama-family layers use it for prefill chunks, on the CPU only (Metal has fused
-kernels of its own). Decode steps keep mlx-lm's code: their softmax is small, and ours
-measured no faster there (more ops, each with its own overhead).
+mlx-lm's llama-family layers use it, on the CPU only (Metal has fused kernels of its own).
+Decode steps gain less (their softmax is small, and ours has more ops, each with its own
+overhead), but still some: at 8 sequences on a 300-token context, interleaved A/B of 288
+steps each, median step 131 ms against 135, p95 151 against 159.
 """
 
 from __future__ import annotations
@@ -152,12 +153,10 @@ def _llama_classes() -> tuple[type, type] | None:
 
 def _make_attention_class(base: type) -> type:
     class CpuAttention(base):  # type: ignore[misc, valid-type]
-        """mlx-lm's llama attention with ``attention`` above in place of MLX's SDPA, for
-        prefill chunks. A decode step (one token a row) stays on mlx-lm's own code: there
-        the softmax is small and ours measured no faster."""
+        """mlx-lm's llama attention with ``attention`` above in place of MLX's SDPA."""
 
         def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-            if x.shape[1] == 1 or (cache is not None and hasattr(cache, "bits")):
+            if cache is not None and hasattr(cache, "bits"):  # quantized KV: mlx-lm's path
                 return base.__call__(self, x, mask, cache)
             b, length, _ = x.shape
             q = self.q_proj(x).reshape(b, length, self.n_heads, -1).transpose(0, 2, 1, 3)
@@ -176,11 +175,9 @@ def _make_attention_class(base: type) -> type:
 
 def _make_mlp_class(base: type) -> type:
     class CpuMLP(base):  # type: ignore[misc, valid-type]
-        """mlx-lm's llama MLP with ``swiglu`` above, for prefill chunks."""
+        """mlx-lm's llama MLP with ``swiglu`` above."""
 
         def __call__(self, x: mx.array) -> mx.array:
-            if x.ndim < 2 or x.shape[1] == 1:
-                return base.__call__(self, x)
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
     return CpuMLP
