@@ -59,6 +59,11 @@ class ServerConfig:
         return cls(**values)
 
 
+def truthy(raw: str | None) -> bool:
+    """An on/off setting from an environment variable or header: 1, true, yes or on, any case."""
+    return (raw or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _parse(name: str, raw: str) -> object:
     """Convert one environment value by the field's annotated type."""
     kind = {f.name: str(f.type) for f in fields(ServerConfig)}[name]
@@ -70,7 +75,7 @@ def _parse(name: str, raw: str) -> object:
     if kind.startswith("tuple"):
         return tuple(item for item in raw.replace(",", " ").split() if item)
     if kind.startswith("bool"):
-        return raw.strip().lower() in {"1", "true", "yes", "on"}
+        return truthy(raw)
     if kind.startswith("int"):
         return int(raw)
     if kind.startswith("float"):

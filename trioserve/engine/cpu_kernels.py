@@ -27,6 +27,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from trioserve.config import truthy
+
 log = logging.getLogger(__name__)
 
 OFF_ENV = "TRIOSERVE_NO_CPU_KERNELS"  # set to 1: MLX's own kernels (a fallback, and for A/B)
@@ -143,14 +145,6 @@ def attention(
     return out.reshape(batch, n_q, length, dim)
 
 
-def _llama_classes() -> tuple[type, type] | None:
-    try:
-        from mlx_lm.models import llama
-    except ImportError:
-        return None
-    return llama.Attention, llama.MLP
-
-
 def _make_attention_class(base: type) -> type:
     class CpuAttention(base):  # type: ignore[misc, valid-type]
         """mlx-lm's llama attention with ``attention`` above in place of MLX's SDPA."""
@@ -212,14 +206,15 @@ def install_cpu_kernels(model: Any) -> bool:
     runs on the CPU and they pass a self-check; True when installed."""
     if mx.default_device() != mx.cpu:
         return False
-    if os.environ.get(OFF_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    if truthy(os.environ.get(OFF_ENV)):
         log.info("%s is set: MLX's own attention and MLP kernels", OFF_ENV)
         return False
-    classes = _llama_classes()
+    from mlx_lm.models import llama  # the family whose layers are switched
+
     layers = getattr(model, "layers", None)
-    if classes is None or not isinstance(layers, list) or not layers:
+    if not isinstance(layers, list) or not layers:
         return False
-    attn_base, mlp_base = classes
+    attn_base, mlp_base = llama.Attention, llama.MLP
     blocks = [(layer.self_attn, layer.mlp) for layer in layers if hasattr(layer, "self_attn")]
     if len(blocks) != len(layers) or not all(
         type(a) is attn_base and type(m) is mlp_base for a, m in blocks
@@ -228,7 +223,7 @@ def install_cpu_kernels(model: Any) -> bool:
         return False
     reason = _self_check()
     if reason is not None:
-        log.warning("fast CPU kernels are off (%s): prefill runs on MLX's slower ones", reason)
+        log.warning("fast CPU kernels are off (%s): MLX's slower ones run", reason)
         return False
     attn_cls, mlp_cls = _make_attention_class(attn_base), _make_mlp_class(mlp_base)
     for attn, mlp in blocks:

@@ -11,17 +11,17 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from trioserve.config import truthy
 from trioserve.engine.scheduler import RequestHandle
 from trioserve.streaming.chunks import ChunkBuilder
 
 PROGRESS_HEADERS = ("X-SwiftLM-Prefill-Progress", "X-Trioserve-Prefill-Progress")
 PROGRESS_EVENT = "prefill_progress"
-_TRUTHY = {"1", "true", "yes", "on"}
 
 
 def wants_progress(headers: Mapping[str, str]) -> bool:
     """True when either opt-in header is 1, true, yes or on (any case)."""
-    return any((headers.get(name) or "").strip().lower() in _TRUTHY for name in PROGRESS_HEADERS)
+    return any(truthy(headers.get(name)) for name in PROGRESS_HEADERS)
 
 
 class ProgressReporter:
