@@ -51,7 +51,8 @@ async def one_stream(engine: Engine, request: GenerationRequest) -> tuple[int, f
     """(decoded tokens after the first, seconds from first to last token)."""
     first = last = None
     count = 0
-    async with engine.submit(request) as handle:
+    with engine.admit(request) as handle:
+        await handle.start()
         async for event in handle.events():
             if isinstance(event, TokenDelta):
                 last = time.perf_counter()

@@ -112,7 +112,8 @@ async def engine_run(engine: Any, prompts: list[list[int]], max_tokens: int) -> 
             request_id=f"bench-{i}",
         )
         traces[i].sent_at = time.perf_counter()
-        async with engine.submit(request) as handle:
+        with engine.admit(request) as handle:
+            await handle.start()
             async for event in handle.events():
                 if isinstance(event, TokenDelta):
                     traces[i].token_times.append(time.perf_counter())

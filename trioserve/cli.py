@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from trioserve import __version__
 
@@ -104,13 +105,21 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         default=256,
         help="prompt tokens per step when no stream is decoding: larger steps read a prompt "
         "faster (on a 2-core CPU 256 was ~6%% faster than 64); a hang-up still stops the "
-        "step between two layers (default: %(default)s)",
+        "step between two layers; 0: the same as --prefill-step-size (default: %(default)s)",
     )
     p.add_argument(
         "--max-tokens",
         type=int,
         default=2048,
         help="generated-token cap for requests that name none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ctx-size",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="bound on prompt plus generated tokens for every request (and so the KV memory "
+        "per slot); default: the model's context length",
     )
     p.add_argument(
         "--cors",
@@ -123,6 +132,25 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "--api-key",
         default=os.environ.get("TRIOSERVE_API_KEY"),
         help="require 'Authorization: Bearer KEY' (default: $TRIOSERVE_API_KEY; none)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=[],
+        metavar="HOST",
+        help="Host header names to serve besides localhost, 127.0.0.1 and [::1] ('*' for any; "
+        "'*.example.com' for subdomains). Without it, a server on a loopback address with no "
+        "--api-key answers 403 to any other Host, so a web page cannot reach it through DNS "
+        "rebinding; with it, the list is checked whatever the address or key. Needed behind a "
+        "reverse proxy that passes its own Host on",
+    )
+    p.add_argument(
+        "--any-content-type",
+        dest="require_json_content_type",
+        action="store_false",
+        help="accept POST bodies whatever their Content-Type; by default a POST needs "
+        "'Content-Type: application/json' (else 415), so a web page cannot send one "
+        "cross-origin without a CORS preflight",
     )
     p.add_argument(
         "--heartbeat-interval",
@@ -164,21 +192,23 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "--queue-timeout",
         type=float,
         default=300.0,
-        help="seconds a request may wait for a slot before it gets an error (default: %(default)s)",
+        help="seconds a request may wait for a slot before it gets an error; 0: no limit "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--send-timeout",
         type=float,
         default=30.0,
         help="seconds a stream may stay blocked on a client that reads nothing before it is "
-        "dropped and its slot freed (default: %(default)s)",
+        "dropped and its slot freed, and a connection's write may make no progress before "
+        "the connection is reset; 0: never (default: %(default)s)",
     )
     p.add_argument(
         "--shutdown-grace",
         type=float,
         default=10.0,
         help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they end "
-        "with an error (default: %(default)s)",
+        "with an error; a second signal exits at once (default: %(default)s)",
     )
     p.add_argument(
         "--debug-endpoints",
@@ -194,11 +224,23 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     _add_log_arg(p)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, worker_factory: Any = None) -> int:
+    """Run the command line. ``worker_factory`` replaces the MLX worker of ``serve``
+    (``python -m trioserve.testing.faults`` uses it to inject faults)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in {"-h", "--help", "--version"}):
         argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
+    config = None
+    if args.command == "serve":  # before the model: a bad value fails at once, on one line
+        from trioserve.config import ConfigError
+
+        try:
+            config = _serve_config(args)
+        except ConfigError as exc:
+            flag = FLAGS.get(exc.field, exc.field)
+            print(f"trioserve serve: error: {flag} {exc.reason}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=getattr(args, "log_level", "info").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -223,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_generate(args, model_dir)
     from trioserve.server import run_server
 
-    return run_server(_serve_config(args, model_dir))
+    assert config is not None
+    return run_server(config, worker_factory=worker_factory)
 
 
 def _resolve(args: argparse.Namespace) -> Path:
@@ -250,10 +293,33 @@ def _run_generate(args: argparse.Namespace, model_dir: Path) -> int:
     )
 
 
-def _serve_config(args: argparse.Namespace, model_dir: Path):  # -> ServerConfig
+# ServerConfig fields by the flag that sets them, so a ConfigError names what the user typed.
+FLAGS = {
+    "port": "--port",
+    "host": "--host",
+    "parallel": "--parallel",
+    "prefill_step_size": "--prefill-step-size",
+    "solo_prefill_step_size": "--solo-prefill-step-size",
+    "max_tokens": "--max-tokens",
+    "ctx_size": "--ctx-size",
+    "cors_origins": "--cors",
+    "allowed_hosts": "--allowed-hosts",
+    "heartbeat_interval_s": "--heartbeat-interval",
+    "sse_keepalive_s": "--sse-keepalive",
+    "max_queue": "--max-queue",
+    "prefix_cache_mb": "--prefix-cache-mb",
+    "queue_timeout_s": "--queue-timeout",
+    "send_timeout_s": "--send-timeout",
+    "shutdown_grace_s": "--shutdown-grace",
+}
+
+
+def _serve_config(args: argparse.Namespace, model_dir: Path | None = None):  # -> ServerConfig
+    """The ``serve`` flags as a ``ServerConfig``; raises ``ConfigError`` for a bad value.
+    (``create_app`` resolves the model itself, so ``model_dir`` is not needed.)"""
     from trioserve.config import ServerConfig
 
-    del model_dir  # resolved above for a clean error; create_app resolves it again (cached)
+    del model_dir
     return ServerConfig(
         model=args.model,
         dtype=args.dtype,
@@ -263,19 +329,20 @@ def _serve_config(args: argparse.Namespace, model_dir: Path):  # -> ServerConfig
         prefill_step_size=args.prefill_step_size,
         solo_prefill_step_size=args.solo_prefill_step_size,
         max_tokens=args.max_tokens,
+        ctx_size=args.ctx_size,
         cors_origins=tuple(args.cors),
+        allowed_hosts=tuple(args.allowed_hosts),
+        require_json_content_type=args.require_json_content_type,
         api_key=args.api_key,
         heartbeat_interval_s=args.heartbeat_interval,
         sse_keepalive_s=args.sse_keepalive,
         log_level=args.log_level,
         max_queue=args.max_queue,
         prefix_cache_mb=args.prefix_cache_mb,
-        queue_timeout_s=args.queue_timeout,
+        queue_timeout_s=args.queue_timeout or None,  # 0: no limit
         send_timeout_s=args.send_timeout,
         shutdown_grace_s=args.shutdown_grace,
         debug_endpoints=args.debug_endpoints,
         ui=args.ui,
         chat_template=args.chat_template,
-        # Tests only, and only from the environment: never a documented flag.
-        test_faults=os.environ.get("TRIOSERVE_TEST_FAULTS") == "1",
     )

@@ -1,10 +1,36 @@
-"""The server's one typed configuration, with units in the names."""
+"""The server's one typed configuration, with units in the names, checked when it is made.
+
+A bad value (``--parallel 0``, a negative timeout) is a ``ConfigError`` at start-up that names
+the setting, never a failure deep in Trio or a busy loop later. ``trioserve serve`` prints it
+as one line and exits with status 2.
+"""
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+DTYPES = ("float32", "float16", "bfloat16")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# The smallest --ctx-size: a chat template's own markup takes a dozen tokens, so anything
+# below this could not hold a one-word question and its answer.
+MIN_CTX_SIZE = 16
+
+
+class ConfigError(ValueError):
+    """A configuration value that the server cannot run with.
+
+    ``field`` is the setting's name as the caller wrote it (``parallel``, or
+    ``TRIOSERVE_PARALLEL`` from the environment); ``reason`` completes the sentence
+    ("must be at least 1, got 0"). The command line swaps ``field`` for the flag's name.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field} {reason}")
+        self.field = field
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -27,6 +53,9 @@ class ServerConfig:
     prefill_step_size: int = 64
     solo_prefill_step_size: int = 256
     max_tokens: int = 2048  # default cap when a request names none
+    # Bound on prompt plus generated tokens for every request (and so the KV memory per
+    # slot); None: the model's own context length. llama.cpp's --ctx-size.
+    ctx_size: int | None = None
     cors_origins: tuple[str, ...] = ()
     api_key: str | None = None
     heartbeat_interval_s: float = 2.0
@@ -42,9 +71,17 @@ class ServerConfig:
     send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is dropped
     shutdown_grace_s: float = 10.0  # on SIGINT/SIGTERM, in-flight work gets this long
     debug_endpoints: bool = False  # /debug/state (task and thread counts) for stress tests
-    test_faults: bool = False  # tests only: honour the X-Trioserve-Test-Fault header
     ui: bool = True  # the web playground at / (off: --no-ui, TRIOSERVE_UI=0)
-    extra: dict[str, str] = field(default_factory=dict)
+    # DNS-rebinding defence (api/security.py). Empty: when bound to loopback without an API
+    # key, only loopback Host names (localhost, 127.0.0.1, [::1]) are served. Names here are
+    # accepted as well, and then always checked; "*" accepts any Host (behind a proxy).
+    allowed_hosts: tuple[str, ...] = ()
+    # POSTs must say Content-Type: application/json (else 415), so a web page cannot send
+    # one as a cross-origin "simple" request. Off: --any-content-type.
+    require_json_content_type: bool = True
+
+    def __post_init__(self) -> None:
+        _validate(self)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServerConfig:
@@ -52,16 +89,124 @@ class ServerConfig:
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in fields(cls):
-            raw = env.get(f"TRIOSERVE_{f.name.upper()}")
-            if raw is None or f.name == "extra":
+            name = f"TRIOSERVE_{f.name.upper()}"
+            raw = env.get(name)
+            if raw is None:
                 continue
-            values[f.name] = _parse(f.name, raw)
-        return cls(**values)
+            try:
+                values[f.name] = _parse(f.name, raw)
+            except ValueError:
+                raise ConfigError(name, f"must be {_kind_words(f.name)}, got {raw!r}") from None
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            if exc.field in values:  # name the variable the operator actually set
+                raise ConfigError(f"TRIOSERVE_{exc.field.upper()}", exc.reason) from None
+            raise
 
 
 def truthy(raw: str | None) -> bool:
     """An on/off setting from an environment variable or header: 1, true, yes or on, any case."""
     return (raw or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _validate(c: ServerConfig) -> None:
+    """Raise ``ConfigError`` for the first value the server cannot run with."""
+    for f in fields(c):  # types first: ServerConfig(parallel="8") is a mistake, not a value
+        _check_type(f.name, str(f.type), getattr(c, f.name))
+    if c.dtype not in DTYPES:
+        raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {c.dtype!r}")
+    if not c.host.strip():
+        raise ConfigError("host", "must not be empty")
+    if not 1 <= c.port <= 65535:
+        raise ConfigError("port", f"must be between 1 and 65535, got {c.port}")
+    _at_least("parallel", c.parallel, 1)
+    _at_least("prefill_step_size", c.prefill_step_size, 1)
+    _at_least(
+        "solo_prefill_step_size",
+        c.solo_prefill_step_size,
+        0,
+        note="0: the same as prefill_step_size",
+    )
+    _at_least("max_tokens", c.max_tokens, 1)
+    if c.ctx_size is not None:
+        _at_least("ctx_size", c.ctx_size, MIN_CTX_SIZE)
+    _at_least("max_body_bytes", c.max_body_bytes, 1)
+    _at_least("prefix_cache_mb", c.prefix_cache_mb, 0, note="0: off")
+    if c.max_queue is not None:
+        _at_least("max_queue", c.max_queue, 0)
+    _positive("heartbeat_interval_s", c.heartbeat_interval_s)
+    _non_negative("sse_keepalive_s", c.sse_keepalive_s, note="0: off")
+    if c.queue_timeout_s is not None:
+        _positive("queue_timeout_s", c.queue_timeout_s, note="no limit: none, or --queue-timeout 0")
+    _non_negative("send_timeout_s", c.send_timeout_s, note="0: never drop")
+    _non_negative("shutdown_grace_s", c.shutdown_grace_s)
+    if not (math.isfinite(c.default_temperature) and 0.0 <= c.default_temperature <= 2.0):
+        raise ConfigError(
+            "default_temperature", f"must be between 0 and 2, got {c.default_temperature:g}"
+        )
+    if c.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            "log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {c.log_level!r}"
+        )
+    for name in ("cors_origins", "allowed_hosts"):
+        for item in getattr(c, name):
+            if not item or item != item.strip() or any(ch.isspace() for ch in item):
+                raise ConfigError(name, f"must be names without spaces, got {item!r}")
+    for host in c.allowed_hosts:
+        if "/" in host:
+            raise ConfigError(
+                "allowed_hosts", f"takes host names, not URLs (no scheme or path), got {host!r}"
+            )
+
+
+def _check_type(name: str, kind: str, value: object) -> None:
+    if value is None and "None" in kind:
+        return
+    if kind.startswith("tuple"):
+        ok = isinstance(value, tuple) and all(isinstance(item, str) for item in value)
+    elif kind.startswith("Path"):
+        ok = isinstance(value, Path)
+    elif kind.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif kind.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind.startswith("float"):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif kind.startswith("str"):
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(name, f"must be {_kind_words(name)}, got {value!r}")
+
+
+def _kind_words(name: str) -> str:
+    kind = {f.name: str(f.type) for f in fields(ServerConfig)}[name]
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "Path": "a path"}
+    word = next((w for k, w in words.items() if kind.startswith(k)), None)
+    if kind.startswith("tuple"):
+        word = "a list of names"
+    word = word or "a string"
+    return f"{word} or none" if "None" in kind else word
+
+
+def _at_least(name: str, value: int, low: int, *, note: str = "") -> None:
+    if value < low:
+        extra = f" ({note})" if note else ""
+        raise ConfigError(name, f"must be at least {low}{extra}, got {value}")
+
+
+def _positive(name: str, value: float, *, note: str = "") -> None:
+    if not (math.isfinite(value) and value > 0):
+        extra = f" ({note})" if note else ""
+        raise ConfigError(name, f"must be a number of seconds above 0{extra}, got {value:g}")
+
+
+def _non_negative(name: str, value: float, *, note: str = "") -> None:
+    if not (math.isfinite(value) and value >= 0):
+        extra = f" ({note})" if note else ""
+        raise ConfigError(name, f"must be a number of seconds, 0 or more{extra}, got {value:g}")
 
 
 def _parse(name: str, raw: str) -> object:
@@ -77,7 +222,7 @@ def _parse(name: str, raw: str) -> object:
     if kind.startswith("bool"):
         return truthy(raw)
     if kind.startswith("int"):
-        return int(raw)
+        return int(raw.strip())
     if kind.startswith("float"):
-        return float(raw)
+        return float(raw.strip())
     return raw

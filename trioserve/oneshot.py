@@ -36,7 +36,8 @@ async def generate(
         started = time.perf_counter()
         first_token_at = None
         code = 0
-        async with engine.submit(request) as handle:
+        with engine.admit(request) as handle:
+            await handle.start()
             async for event in handle.events():
                 if isinstance(event, TokenDelta):
                     first_token_at = first_token_at or time.perf_counter()

@@ -1,24 +1,40 @@
 """``trioserve serve``: Hypercorn's Trio worker, in-process, around ``create_app``.
 
-Scope tree: ``trio.run`` → ``serve`` nursery → ``hypercorn.trio.serve`` (its lifespan nursery
-owns the engine; each connection owns its requests). SIGINT/SIGTERM trigger Hypercorn's
-graceful shutdown; an engine that dies also shuts the server down, with exit status 1.
+Scope tree: ``trio.run`` → ``serve`` nursery → ``_hypercorn_serve`` (its lifespan nursery owns
+the engine; each connection owns its requests). The first SIGINT/SIGTERM starts a graceful
+shutdown; a second one exits at once. An engine that dies also shuts the server down, with
+exit status 1. Every accepted connection has a write deadline (``trioserve.net``), so a client
+that stops reading can neither pin its connection nor hold up the shutdown.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
+import os
 import signal
 import socket
+import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
+from hypercorn.config import Sockets
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState
+from hypercorn.utils import ShutdownError, raise_shutdown, wrap_app
 
 from trioserve.config import ServerConfig
-from trioserve.lifecycle import Drain
+from trioserve.drain import Drain
+from trioserve.net import WriteDeadlineListener
+
+if TYPE_CHECKING:
+    from trioserve.engine.scheduler import WorkerFactory
 
 log = logging.getLogger("trioserve")
 
@@ -36,16 +52,15 @@ def hypercorn_config(config: ServerConfig) -> HypercornConfig:
     return hc
 
 
-def run_server(config: ServerConfig) -> int:
-    """Serve until SIGINT/SIGTERM; return the process exit status."""
-    return trio.run(_serve, config)
+def run_server(config: ServerConfig, worker_factory: WorkerFactory | None = None) -> int:
+    """Serve until SIGINT/SIGTERM, or until the engine fails; return the exit status (0, or 1
+    after an engine failure). ``worker_factory`` replaces the MLX worker (fault tests)."""
+    return trio.run(_serve, config, worker_factory)
 
 
-async def _serve(config: ServerConfig) -> int:
+async def _serve(config: ServerConfig, worker_factory: WorkerFactory | None = None) -> int:
     from trioserve.api.app import create_app
 
-    app = create_app(config)
-    state = app.extensions["trioserve"]
     stop = trio.Event()
     failure: list[str] = []
 
@@ -53,7 +68,8 @@ async def _serve(config: ServerConfig) -> int:
         failure.append(message)
         stop.set()
 
-    state.extras["on_engine_failure"] = on_engine_failure
+    app = create_app(config, on_engine_failure=on_engine_failure, worker_factory=worker_factory)
+    state = app.extensions["trioserve"]
     log.info(
         "trioserve on http://%s:%d/v1 serving %s (%d slot(s))",
         config.host,
@@ -70,10 +86,10 @@ async def _serve(config: ServerConfig) -> int:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, stop, state.drain)
         hc = hypercorn_config(config)
-        await worker_serve(
+        await _hypercorn_serve(
             wrap_app(app, hc.wsgi_max_body_size, None),
             hc,
-            sockets=served_sockets(hc, config.send_timeout_s),
+            listeners(hc, config.send_timeout_s),
             shutdown_trigger=stop.wait,
         )
         nursery.cancel_scope.cancel()
@@ -91,44 +107,143 @@ async def _serve(config: ServerConfig) -> int:
 SEND_BUFFER_BYTES = 64 * 1024
 
 
-def served_sockets(hc: HypercornConfig, send_timeout_s: float | None):  # -> hypercorn Sockets
-    """Hypercorn's listening sockets, with options that accepted connections inherit.
+def served_sockets(hc: HypercornConfig) -> Sockets:
+    """Hypercorn's listening sockets, with SO_SNDBUF capped (above); accepted connections
+    inherit it.
 
-    - SO_SNDBUF capped (above).
-    - TCP_USER_TIMEOUT = --send-timeout: the kernel aborts a connection whose client has kept
-      its receive window shut (read nothing) that long. Dropping the stream frees the slot,
-      but Hypercorn's write of the last frame waits, shielded, until the client reads again;
-      only closing the socket ends that write, so a stalled reader cannot pin a connection.
-      Linux 5.11+ counts zero-window time; older kernels keep the connection until the
-      client reads (the slot is freed either way).
+    There is no ``TCP_USER_TIMEOUT`` any more: the write deadline of ``listeners`` covers
+    every write, on every platform, and a kernel abort at the same moment only raced it (the
+    log then could not say why a connection went). What it did beyond that, aborting an idle
+    connection whose last data is never acknowledged, Hypercorn's keep-alive timeout does too.
     """
     sockets = hc.create_sockets()
-    for sock in (*sockets.insecure_sockets, *sockets.secure_sockets):
+    for sock in sockets.insecure_sockets:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-        if send_timeout_s and tcp and hasattr(socket, "TCP_USER_TIMEOUT"):
-            user_timeout_ms = max(1, round(send_timeout_s * 1000))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
         sock.listen(hc.backlog)  # Hypercorn listens only on sockets it made itself
     return sockets
 
 
-async def _stop_on_signals(stop: trio.Event, drain: Drain) -> None:
+def listeners(hc: HypercornConfig, send_timeout_s: float | None) -> list[trio.abc.Listener]:
+    """One Trio listener per bind, whose streams give up a write after ``send_timeout_s``
+    without progress (``trioserve.net``); ``None``, 0 or infinity turns the deadline off, as
+    it turns off the stream's own send timeout."""
+    deadline = send_timeout_s is not None and 0 < send_timeout_s < math.inf
+    sockets = served_sockets(hc)
+    if sockets.secure_sockets or sockets.quic_sockets:  # hypercorn_config sets no certificate
+        raise RuntimeError("trioserve serve has no TLS; put a TLS proxy in front of it")
+    result: list[trio.abc.Listener] = []
+    for sock in sockets.insecure_sockets:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        result.append(WriteDeadlineListener(listener, send_timeout_s) if deadline else listener)
+    return result
+
+
+async def _hypercorn_serve(
+    app: AppWrapper,
+    hc: HypercornConfig,
+    listeners: list[trio.abc.Listener],
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]],
+) -> None:
+    """``hypercorn.trio.run.worker_serve`` (0.18), serving listeners we built.
+
+    Hypercorn has no hook for wrapping accepted streams: ``worker_serve`` builds its
+    ``trio.SocketListener``s itself from sockets. This is the same function, line for line,
+    minus what ``trioserve serve`` never uses (TLS, QUIC, statsd, ``max_requests``, the
+    "Running on" lines, ``task_status``), taking ``listeners`` instead of ``sockets``.
+
+    Shutdown, as in Hypercorn: when ``shutdown_trigger`` returns, the listeners close, open
+    connections get ``hc.graceful_timeout`` and are then cancelled, and the lifespan shutdown
+    runs once the last connection has closed. A write stuck on a client that reads nothing is
+    shielded from that cancel; the listeners' write deadline is what ends it.
+    """
+    lifespan_state: dict = {}
+    lifespan = Lifespan(app, hc, lifespan_state)
+    context = WorkerContext(None)
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+
+        async with trio.open_nursery() as server_nursery:
+            try:
+                async with trio.open_nursery(strict_exception_groups=True) as nursery:
+                    nursery.start_soon(raise_shutdown, shutdown_trigger)
+                    nursery.start_soon(raise_shutdown, context.terminate.wait)
+                    nursery.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            partial(
+                                TCPServer, app, hc, context, ConnectionState(lifespan_state.copy())
+                            ),
+                            listeners,
+                            handler_nursery=server_nursery,
+                        )
+                    )
+                    await trio.sleep_forever()
+            except BaseExceptionGroup as error:
+                _, other_errors = error.split((ShutdownError, KeyboardInterrupt))
+                if other_errors is not None:
+                    raise other_errors from None
+            finally:
+                await context.terminated.set()
+                server_nursery.cancel_scope.deadline = trio.current_time() + hc.graceful_timeout
+
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signals(
+    stop: trio.Event, drain: Drain, force_exit: Callable[[int], object] | None = None
+) -> None:
     """First signal: stop accepting, let in-flight work finish for the grace period, then
-    end it with errors. Hypercorn returns once the last connection is done."""
+    end it with errors; the server returns once the last connection is done. A second
+    SIGINT/SIGTERM, at any time after that, exits at once (``force_exit``, by default
+    ``exit_by_signal``): "press Ctrl-C twice" for an operator who will not wait."""
+    force_exit = force_exit or exit_by_signal
+    draining = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info(
-                "received %s: no new requests; in-flight ones get %g s to finish",
-                signal.Signals(signum).name,
-                drain.grace_s,
-            )
-            drain.begin()
-            stop.set()
-            break
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if draining:
+                    log.warning(
+                        "received %s again: exiting now, without waiting for open requests "
+                        "and connections",
+                        name,
+                    )
+                    force_exit(signum)
+                    nursery.cancel_scope.cancel()  # reached only where force_exit returns
+                    return
+                draining = True
+                log.info(
+                    "received %s: no new requests; in-flight ones get %g s to finish "
+                    "(send %s again to exit at once)",
+                    name,
+                    drain.grace_s,
+                    name,
+                )
+                drain.begin()
+                stop.set()
+                nursery.start_soon(_end_after_grace, drain)
+
+
+async def _end_after_grace(drain: Drain) -> None:
     await trio.sleep(drain.grace_s)
     drain.expire()
     log.info("grace period over: ending the requests still running")
+
+
+def exit_by_signal(signum: int) -> None:
+    """End the process now, by the signal's default action, so a parent sees it killed by
+    that signal (a shell: 130 for SIGINT, 143 for SIGTERM). No cleanup runs: a forced exit
+    must not wait for the tasks or threads that made the operator force it."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+    os._exit(128 + signum)  # only if the default action did not end the process
 
 
 def _is_loopback(host: str) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import LiveServer, free_port, start_process, stop_process
+from trioserve.testing import ServerProcess, free_port, serve_argv, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 E2E_TOOLS = ROOT / "tools" / "e2e"
@@ -48,10 +48,9 @@ def require_clients() -> None:
 
 
 @pytest.fixture(scope="session")
-def e2e_server(tmp_path_factory, model_dir) -> Iterator[LiveServer]:
+def e2e_server(tmp_path_factory, model_dir) -> Iterator[ServerProcess]:
     port = free_port()
     log_path = tmp_path_factory.mktemp("e2e-server") / "server.log"
-    argv = [sys.executable, "-m", "trioserve", "serve", "--port", str(port), *E2E_SERVER_ARGS]
-    server = start_process(argv, port, log_path)
+    server = start_server(serve_argv(port, *E2E_SERVER_ARGS), port, log_path=log_path)
     yield server
-    stop_process(server)
+    server.stop()

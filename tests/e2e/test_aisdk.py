@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.e2e.conftest import E2E_TOOLS, require_clients, serverlog
+from trioserve.testing import STARTUP_TIMEOUT_S
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,7 @@ def _logged_text(server, completion_id: str) -> str | None:
 
 
 @pytest.mark.parametrize("progress", [False, True], ids=["plain", "progress"])
+@pytest.mark.timeout(STARTUP_TIMEOUT_S + CHECK_TIMEOUT_S + 60)  # may start the server first
 def test_ai_sdk_stream_text_has_no_error_part(e2e_server, progress):
     require_clients()
     argv = ["node", "aisdk_check.mjs", "--base-url", e2e_server.v1]

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from tests.e2e.conftest import E2E_TOOLS, require_clients, serverlog
+from trioserve.testing import STARTUP_TIMEOUT_S
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +25,7 @@ OPENCODE_TIMEOUT_S = 300
 
 
 @pytest.mark.parametrize("progress", [False, True], ids=["plain", "progress"])
+@pytest.mark.timeout(STARTUP_TIMEOUT_S + OPENCODE_TIMEOUT_S + 120)  # its bound, and a start
 def test_opencode_run_prints_the_servers_answer(e2e_server, tmp_path, progress):
     require_clients()
     argv = [sys.executable, str(E2E_TOOLS / "opencode_run.py"), "--server", e2e_server.url]

@@ -9,7 +9,7 @@ import trio
 
 from trioserve.engine.events import Event, Finished, TokenDelta
 from trioserve.engine.params import GenerationRequest, SamplingParams
-from trioserve.engine.scheduler import Engine, EngineConfig
+from trioserve.engine.scheduler import Engine, EngineConfig, EngineStats
 from trioserve.models.chat_template import chat_prompt_tokens
 from trioserve.models.loading import load_model
 
@@ -23,7 +23,8 @@ def open_engine(model_dir: Path) -> Callable[..., AsyncIterator[Engine]]:
         config = EngineConfig(load=lambda: load_model(model_dir), **overrides)
         engine = Engine(config)
         async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
+            with trio.fail_after(120):
+                await nursery.start(engine.run)
             yield engine
             nursery.cancel_scope.cancel()
 
@@ -42,9 +43,22 @@ def chat_request(
     )
 
 
+async def wait_for(
+    engine: Engine, predicate: Callable[[EngineStats], bool], timeout_s: float = 60
+) -> EngineStats:
+    """Wait until ``predicate(stats)`` holds, re-checked after every worker report; a
+    regression fails after ``timeout_s`` instead of hanging the suite."""
+    with trio.fail_after(timeout_s):
+        stats = engine.stats()
+        while not predicate(stats):
+            stats = await engine.changed()
+        return stats
+
+
 async def collect(engine: Engine, request: GenerationRequest) -> list[Event]:
     events: list[Event] = []
-    async with engine.submit(request) as handle:
+    with engine.admit(request) as handle:
+        await handle.start()
         async for event in handle.events():
             events.append(event)
     return events

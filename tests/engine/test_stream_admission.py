@@ -6,30 +6,32 @@ import json
 
 import trio
 
-from tests.engine.conftest import chat_request
-from trioserve.streaming.chunks import ChunkBuilder
-from trioserve.streaming.stream import StreamOptions, sse_frames
+from tests.engine.conftest import chat_request, wait_for
+from trioserve.output.assembler import Assembler
+from trioserve.output.chunks import ChunkBuilder
+from trioserve.streaming.stream import SSEBody, StreamOptions
 
 
 async def test_a_stream_that_finds_the_queue_full_ends_with_a_rate_limit_error(open_engine):
     async with open_engine(parallel=1, max_queue=0) as engine:
-        holding = trio.Event()
 
         async def hold_the_slot(task_status=trio.TASK_STATUS_IGNORED):
-            async with engine.submit(chat_request(engine, "Count to fifty.", 400)) as handle:
+            with engine.admit(chat_request(engine, "Count to fifty.", 400)) as handle:
+                await handle.start()
+                task_status.started()
                 async for _ in handle.events():
-                    if not holding.is_set():
-                        holding.set()
-                        task_status.started()
+                    pass
 
         async with trio.open_nursery() as nursery:
             await nursery.start(hold_the_slot)
-            builder = ChunkBuilder.new("chat", "m")
+            assembler = Assembler(ChunkBuilder.new("chat", "m"))
             request = chat_request(engine, "Say hi.")
-            async with sse_frames(engine, request, builder, StreamOptions()) as frames:
-                received = [frame async for frame in frames]
+            with trio.fail_after(30):
+                async with SSEBody(engine, request, assembler, StreamOptions()) as body:
+                    received = [frame async for frame in body]
             nursery.cancel_scope.cancel()
-        assert engine.stats().slots_busy == 0
+        stats = await wait_for(engine, lambda s: s.worker.in_batch == 0)
+        assert stats.slots_busy == 0
 
     assert received[-1] == b"data: [DONE]\n\n"
     assert len(received) == 2, received

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port, start_process, stop_process
+from trioserve.testing import free_port, hypercorn_argv, start_server
 
 
 def test_models_list(server):
@@ -219,7 +217,8 @@ GOOD_MESSAGES = [{"role": "user", "content": "hi"}]
     ],
 )
 def test_bad_input_gets_a_clear_error(server, method, path, body, status, error_type, mentions):
-    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    json_type = {"Content-Type": "application/json"}
+    kwargs = {"content": body, "headers": json_type} if isinstance(body, bytes) else {"json": body}
     if body is None:
         kwargs = {}
     response = httpx.request(method, server.url + path, timeout=60, **kwargs)
@@ -303,18 +302,9 @@ def test_no_cors_headers_without_cors_flag(server):
 
 def test_hypercorn_command_line_launch(tmp_path, model_dir):
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "hypercorn",
-        "--worker-class",
-        "trio",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "trioserve.app:create_app()",
-    ]
+    argv = hypercorn_argv(port)
     env = {"TRIOSERVE_PARALLEL": "3", "TRIOSERVE_MODEL": str(model_dir)}
-    live = start_process(argv, port, tmp_path / "hypercorn.log", env)
+    live = start_server(argv, port, log_path=tmp_path / "hypercorn.log", env=env)
     try:
         assert live.health()["slots_total"] == 3
         response = httpx.post(
@@ -328,4 +318,4 @@ def test_hypercorn_command_line_launch(tmp_path, model_dir):
         )
         assert "Paris" in response.json()["choices"][0]["message"]["content"]
     finally:
-        stop_process(live)
+        live.stop()

@@ -10,9 +10,8 @@ from functools import partial
 import httpx
 import trio
 
-from tests.integration.conftest import data_objects, parse_sse
+from tests.integration.conftest import parse_sse
 from tests.integration.test_disconnect import wait_slots_free
-from tests.integration.test_streaming import LONG_PROMPT, fresh
 
 STORY = [{"role": "user", "content": "Tell me a very long story about a dragon."}]
 
@@ -42,41 +41,6 @@ async def wait_busy(client: httpx.AsyncClient, base: str, slots: int) -> None:
         await trio.sleep(0.02)
 
 
-async def test_fault_in_prefill_and_decode_fails_only_that_request(launch):
-    server = launch("--parallel", "2", env={"TRIOSERVE_TEST_FAULTS": "1"})
-    url = server.v1 + "/chat/completions"
-    for phase in ("prefill", "decode"):
-        results: dict[str, str] = {}
-        async with httpx.AsyncClient(timeout=120) as client:
-
-            async def run(name: str, headers: dict, results=results, client=client) -> None:
-                results[name] = await stream_text(client, url, chat(fresh(LONG_PROMPT)), headers)
-
-            async with trio.open_nursery() as nursery:
-                fault = {"X-Request-Id": f"faulty-{phase}", "X-Trioserve-Test-Fault": phase}
-                nursery.start_soon(run, "faulty", fault)
-                nursery.start_soon(run, "healthy", {})
-        faulty = parse_sse(results["faulty"])
-        assert faulty[-1] == (None, "[DONE]")
-        error = json.loads(faulty[-2][1])["error"]
-        assert f"injected {phase} fault" in error["message"]
-        assert error["code"] == "generation_failed"
-        healthy = data_objects(results["healthy"])
-        assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in healthy)
-        assert not any("error" in c for c in healthy)
-        await wait_slots_free(server)
-    # The non-streamed form gets the error as a JSON response.
-    async with httpx.AsyncClient(timeout=120) as client:
-        response = await client.post(
-            url,
-            json=chat("Say hi."),
-            headers={"X-Request-Id": "faulty-plain", "X-Trioserve-Test-Fault": "decode"},
-        )
-    assert response.status_code == 500
-    assert "injected decode fault" in response.json()["error"]["message"]
-    await wait_slots_free(server)
-
-
 async def test_queue_limit_gives_429_with_retry_after(launch):
     server = launch("--parallel", "1", "--max-queue", "1")
     url = server.v1 + "/chat/completions"
@@ -93,7 +57,7 @@ async def test_queue_limit_gives_429_with_retry_after(launch):
         assert rejected.json()["error"]["type"] == "rate_limit_error"
         assert int(rejected.headers["Retry-After"]) >= 1
         nursery.cancel_scope.cancel()
-    await wait_slots_free(server, within_s=2)
+    await wait_slots_free(server)
 
 
 async def test_queue_timeout_errors_plain_and_streamed(launch):
@@ -111,7 +75,7 @@ async def test_queue_timeout_errors_plain_and_streamed(launch):
         error = json.loads(events[-2][1])["error"]
         assert error["code"] == "queue_timeout" and "no slot" in error["message"]
         nursery.cancel_scope.cancel()
-    await wait_slots_free(server, within_s=2)
+    await wait_slots_free(server)
 
 
 def test_a_client_that_stops_reading_is_dropped_after_send_timeout(launch):
@@ -140,13 +104,15 @@ def test_a_client_that_stops_reading_is_dropped_after_send_timeout(launch):
     sock.connect((host, int(port)))
     try:
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + b"Content-Type: application/json"
             + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
         # Read nothing, keep the socket open, and watch the slot come free: dropped by the
-        # stream's send timeout, or by the kernel (TCP_USER_TIMEOUT), which counts as the
-        # client going away.
+        # stream's send timeout, or first by the connection's write deadline (trioserve/net.py,
+        # the same --send-timeout), which resets the socket and counts as the client going
+        # away. The stream-side path alone is proven exactly in the cancellation matrix.
         dropped = ("the client stopped reading", "aborted by the client while decode")
         deadline = time.monotonic() + 120
         while True:
@@ -184,30 +150,40 @@ def read_until_closed(sock: socket.socket, within_s: float) -> bytes:
     return received
 
 
-def test_metrics_count_requests_tokens_and_latency(server):
-    before = httpx.get(server.url + "/metrics").text
-    response = httpx.post(server.v1 + "/chat/completions", json=chat("Say hi."), timeout=120)
-    assert response.status_code == 200
-    text = httpx.get(server.url + "/metrics").text
+def metric(metrics: str, name: str, labels: str = "") -> float:
+    """One sample of the Prometheus text, 0 when absent (a counter not yet incremented)."""
+    sample = f"{name}{{{labels}}}" if labels else name
+    for line in metrics.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
-    def value(metrics: str, name: str) -> float:
-        for line in metrics.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
 
-    assert value(text, "trioserve_generated_tokens_total") > value(
-        before, "trioserve_generated_tokens_total"
-    )
-    assert value(text, "trioserve_time_to_first_token_seconds_count") >= 1
-    assert value(text, "trioserve_slots") == 2
-    assert 'endpoint="/v1/chat/completions",status="200"' in text
-    for name in (
-        "trioserve_inter_token_latency_seconds_bucket",
-        "trioserve_prefill_tokens_per_second_bucket",
-        "trioserve_prompt_tokens_total",
-        "trioserve_queued_requests",
-        "trioserve_slots_busy",
-        "trioserve_sequences_in_batch",
-    ):
-        assert name in text
+async def test_metrics_count_requests_tokens_and_latency(server):
+    # The session server is shared: from idle, so the deltas are this request's own.
+    await wait_slots_free(server)
+    async with httpx.AsyncClient(timeout=120) as client:
+        before = (await client.get(server.url + "/metrics")).text
+        response = await client.post(server.v1 + "/chat/completions", json=chat("Say hi."))
+        assert response.status_code == 200
+        await wait_slots_free(server)
+        after = (await client.get(server.url + "/metrics")).text
+    usage = response.json()["usage"]
+
+    def delta(name: str, labels: str = "") -> float:
+        return metric(after, name, labels) - metric(before, name, labels)
+
+    ok = 'endpoint="/v1/chat/completions",status="200"'
+    assert delta("trioserve_requests_total", ok) == 1
+    assert delta("trioserve_prompt_tokens_total") == usage["prompt_tokens"]
+    assert delta("trioserve_generated_tokens_total") == usage["completion_tokens"]
+    assert delta("trioserve_time_to_first_token_seconds_count") == 1
+    assert delta("trioserve_time_to_first_token_seconds_sum") > 0
+    # One gap between each pair of consecutive tokens.
+    assert delta("trioserve_inter_token_latency_seconds_count") == usage["completion_tokens"] - 1
+    assert delta("trioserve_prefill_tokens_per_second_count") == 1
+    # The gauges are read from the engine at scrape time: two slots, all idle again.
+    assert metric(after, "trioserve_slots") == 2
+    assert metric(after, "trioserve_slots_busy") == 0
+    assert metric(after, "trioserve_queued_requests") == 0
+    assert metric(after, "trioserve_sequences_in_batch") == 0

@@ -65,6 +65,7 @@ def test_incomplete_cached_dir_is_replaced(tmp_path, model_dir):
     assert sorted(p.name for p in cache.iterdir()) == [model_dir.name, "gguf-hashes.json"]
 
 
+@pytest.mark.timeout(360)  # its own bound, communicate(timeout=300), fires first
 def test_concurrent_conversions_agree(tmp_path):
     """Two processes converting into an empty cache at once both end with one good dir."""
     cache = tmp_path / "cache"

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from trioserve.engine.events import TokenDelta, TopLogprob, Usage
-from trioserve.streaming import sse
-from trioserve.streaming.chunks import LOGPROB_FLOOR, ChunkBuilder, error_payload
+from trioserve.output import sse
+from trioserve.output.chunks import LOGPROB_FLOOR, ChunkBuilder, error_payload
 
 USAGE = Usage(prompt_tokens=7, completion_tokens=3, cached_tokens=4)
 USAGE_DICT = {

@@ -6,6 +6,8 @@ import pytest
 
 from trioserve.api.errors import BadRequest
 from trioserve.api.schemas import (
+    MAX_SEED,
+    MAX_STOP_CHARS,
     ChatCompletionRequest,
     CompletionRequest,
     parse_chat_request,
@@ -24,7 +26,13 @@ GOOD_CHAT = [
     {"messages": MSG, "n": 1},
     {"messages": MSG, "stop": "x"},
     {"messages": MSG, "stop": ["a", "b", "c", "d"]},
-    {"messages": MSG, "unknown_field": {"x": 1}, "logit_bias": {"1": 2}},
+    {"messages": MSG, "stop": ["x" * MAX_STOP_CHARS]},
+    {"messages": MSG, "unknown_field": {"x": 1}},
+    # Neutral values of fields we do not implement: SDKs send them as defaults.
+    {"messages": MSG, "logit_bias": {}},
+    {"messages": MSG, "logit_bias": None},
+    {"messages": MSG, "seed": 0},
+    {"messages": MSG, "seed": MAX_SEED},
     {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]},
     {"messages": [{"role": "developer", "content": "be brief"}, *MSG]},
     {
@@ -61,6 +69,12 @@ BAD_CHAT = [
     ({"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({"messages": MSG, "stop": [""]}, "stop", "must not be empty"),
     ({"messages": MSG, "stop": 5}, "stop", "stop"),
+    ({"messages": MSG, "stop": "x" * (MAX_STOP_CHARS + 1)}, "stop", "at most 256 characters"),
+    ({"messages": MSG, "stop": ["a", "y" * 10_000]}, "stop", "at most 256 characters"),
+    ({"messages": MSG, "seed": -1}, "seed", "greater than or equal to 0"),
+    ({"messages": MSG, "seed": MAX_SEED + 1}, "seed", "less than or equal to"),
+    ({"messages": MSG, "seed": 2**80}, "seed", "seed"),
+    ({"messages": MSG, "logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
     ({"messages": MSG, "max_tokens": 0}, "max_tokens", "max_tokens"),
     ({"messages": MSG, "max_completion_tokens": 0}, "max_completion_tokens", "max_compl"),
     ({"messages": MSG, "presence_penalty": 2.5}, "presence_penalty", "presence_penalty"),
@@ -183,27 +197,60 @@ def test_completion_prompt_forms(prompt, expected):
 
 
 @pytest.mark.parametrize(
-    "fields,needle",
+    "fields,param,needle",
     [
-        ({"prompt": ["a", "b"]}, "only one prompt is supported"),
-        ({"prompt": [[1], [2]]}, "only one prompt is supported"),
-        ({"prompt": []}, "prompt"),
-        ({"prompt": [True]}, "prompt"),
-        ({"prompt": [-1]}, "prompt"),
-        ({}, "prompt: Field required"),
-        ({"prompt": "x", "logprobs": 6}, "logprobs"),
-        ({"prompt": "x", "n": 2}, "only n=1 is supported"),
+        ({"prompt": ["a", "b"]}, "prompt", "only one prompt is supported"),
+        ({"prompt": [[1], [2]]}, "prompt", "only one prompt is supported"),
+        ({"prompt": []}, "prompt", "prompt"),
+        ({"prompt": [True]}, "prompt", "prompt"),
+        ({"prompt": [-1]}, "prompt", "prompt"),
+        ({}, "prompt", "prompt: Field required"),
+        ({"prompt": "x", "logprobs": 6}, "logprobs", "logprobs"),
+        ({"prompt": "x", "n": 2}, "n", "only n=1 is supported"),
+        # Not implemented: a 400 that says so, never an answer that silently ignores them.
+        ({"prompt": "x", "echo": True}, "echo", "echo=true is not supported"),
+        ({"prompt": "x", "suffix": "}"}, "suffix", "not supported"),
+        ({"prompt": "x", "best_of": 3}, "best_of", "only best_of=1 is supported"),
+        ({"prompt": "x", "best_of": 0}, "best_of", "only best_of=1 is supported"),
+        ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias", "not supported"),
+        ({"prompt": "x", "seed": -5}, "seed", "seed"),
+        ({"prompt": "x", "stop": "z" * 257}, "stop", "at most 256 characters"),
     ],
 )
-def test_bad_completion(fields, needle):
+def test_bad_completion(fields, param, needle):
     with pytest.raises(BadRequest) as info:
         completion(**fields)
     assert info.value.status == 400 and needle in info.value.message
+    assert info.value.param == param
 
 
-def test_completion_logprobs_and_extras():
-    req = completion(prompt="x", logprobs=0, echo=True, suffix="s", best_of=3)
+def test_unsupported_field_error_is_openai_shaped():
+    with pytest.raises(BadRequest) as info:
+        completion(prompt="x", echo=True)
+    assert info.value.body() == {
+        "error": {
+            "message": "Invalid request: echo: echo=true is not supported by this server",
+            "type": "invalid_request_error",
+            "param": "echo",
+            "code": None,
+        }
+    }
+
+
+def test_completion_logprobs_and_neutral_extras():
+    req = completion(prompt="x", logprobs=0, echo=False, suffix="", best_of=1, logit_bias={})
     assert (req.want_logprobs, req.top_logprobs_count) == (True, 0)
     assert completion(prompt="x", logprobs=3).sampling_params().top_logprobs == 3
     assert completion(prompt="x").want_logprobs is False
-    assert req.echo is True and req.suffix == "s"
+    assert completion(prompt="x", echo=None, suffix=None, best_of=None).prompt == "x"
+
+
+def test_seed_range_is_what_mlx_accepts():
+    # The bounds are mx.random.key's: both ends work there, one past either end does not.
+    mx = pytest.importorskip("mlx.core")
+    mx.random.key(0)
+    mx.random.key(MAX_SEED)
+    for outside in (-1, MAX_SEED + 1):
+        with pytest.raises((TypeError, OverflowError, ValueError)):
+            mx.random.key(outside)
+    assert chat(seed=MAX_SEED).sampling_params().seed == MAX_SEED

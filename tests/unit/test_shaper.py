@@ -7,16 +7,16 @@ import json
 import pytest
 
 from trioserve.engine.events import TokenDelta, TopLogprob, Usage
-from trioserve.streaming.chunks import ChunkBuilder
-from trioserve.streaming.pieces import (
+from trioserve.output.chunks import ChunkBuilder
+from trioserve.output.pieces import (
     ContentPiece,
     ReasoningPiece,
     ToolCallArguments,
     ToolCallStart,
 )
-from trioserve.streaming.reasoning import ReasoningFormat, ReasoningSplitter
-from trioserve.streaming.shaper import OutputShaper, ShapingSpec, make_shaper, shape_text
-from trioserve.streaming.tool_calls import ToolCallFormat
+from trioserve.output.reasoning import ReasoningFormat, ReasoningSplitter
+from trioserve.output.shaper import OutputShaper, ShapingSpec, make_shaper, shape_text
+from trioserve.output.tool_calls import ToolCallFormat
 
 # Recorded from the embedded SmolLM2 under tests/fixtures/think_chatml.jinja (greedy, few-shot):
 # the template opens <think> in the prompt, so the answer starts inside the block.

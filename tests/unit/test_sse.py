@@ -1,31 +1,10 @@
-"""SSE framing: exact bytes, and that a blank-line parser gets the objects back."""
-
-import json
+"""SSE framing: exact bytes, and that the tests' parser (trioserve.testing.sse), which
+follows EventSource's rules, gets every object and comment back."""
 
 import pytest
 
-from trioserve.streaming import sse
-
-
-def parse_stream(raw: bytes) -> list[tuple[str | None, object]]:
-    """A minimal SSE client: split events on blank lines, drop comments, decode data."""
-    out = []
-    for block in raw.decode("utf-8").split("\n\n"):
-        if not block:
-            continue
-        name, payload = None, []
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                continue
-            field, _, value = line.partition(": ")
-            if field == "event":
-                name = value
-            elif field == "data":
-                payload.append(value)
-        if payload:
-            text = "\n".join(payload)
-            out.append((name, text if text == "[DONE]" else json.loads(text)))
-    return out
+from trioserve.output import sse
+from trioserve.testing.sse import parse_events
 
 
 def test_data_is_compact_json():
@@ -81,7 +60,9 @@ def test_parser_recovers_objects():
         + sse.data(objs[1])
         + sse.DONE
     )
-    assert parse_stream(raw) == [
+    events = parse_events(raw)
+    assert events[0].is_comment and events[0].comments == ("hello", "", "there")
+    assert [(e.name, e.data if e.is_done else e.json()) for e in events[1:]] == [
         (None, objs[0]),
         ("prefill_progress", {"fraction": 0.5}),
         (None, objs[1]),

@@ -7,8 +7,8 @@ import json
 import pytest
 from mlx_lm.tool_parsers import qwen3_coder
 
-from trioserve.streaming.pieces import ContentPiece, ToolCallArguments, ToolCallStart
-from trioserve.streaming.tool_calls import JsonCallScanner, ToolCallFormat, ToolCallParser
+from trioserve.output.pieces import ContentPiece, ToolCallArguments, ToolCallStart
+from trioserve.output.tool_calls import JsonCallScanner, ToolCallFormat, ToolCallParser
 
 # Recorded from the embedded SmolLM2 (greedy, two-shot prompt) and hand-written variants.
 ONE_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'

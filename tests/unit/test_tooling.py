@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,14 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from trioserve.api.errors import BadRequest
 from trioserve.api.schemas import parse_chat_request
-from trioserve.api.tooling import plan_chat, shaping_for_prompt
+from trioserve.api.tooling import (
+    build_constraint_processor,
+    check_plan,
+    plan_chat,
+    shaping_for_prompt,
+)
+from trioserve.engine import constraints
+from trioserve.engine.constraints import GrammarProcessor
 from trioserve.models.chat_template import chat_prompt_tokens
 
 THINK_TEMPLATE = Path(__file__).parent.parent / "fixtures" / "think_chatml.jinja"
@@ -88,6 +96,69 @@ def test_bad_fields_are_400_naming_the_field(tokenizer, body, param):
     with pytest.raises(BadRequest) as err:
         plan(tokenizer, **body)
     assert err.value.param == param
+
+
+def test_no_grammar_no_processor(tokenizer):
+    assert build_constraint_processor(plan(tokenizer), tokenizer) is None
+    assert build_constraint_processor(plan(tokenizer, tools=TOOLS), tokenizer) is None
+
+
+@pytest.mark.parametrize(
+    "body, label",
+    [
+        ({"response_format": {"type": "json_object"}}, "json_object"),
+        ({"tools": TOOLS, "tool_choice": "required"}, "tool_call"),
+    ],
+)
+def test_the_build_returns_a_ready_processor(tokenizer, body, label):
+    processor = build_constraint_processor(plan(tokenizer, **body), tokenizer)
+    assert isinstance(processor, GrammarProcessor) and processor.label == label
+
+
+BAD_SCHEMA = {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": BAD_SCHEMA}}},
+            "response_format",
+        ),
+        (
+            {
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": BAD_SCHEMA}}
+                ],
+                "tool_choice": "required",
+            },
+            "tool_choice",
+        ),
+    ],
+)
+def test_a_grammar_that_cannot_compile_is_a_400_at_the_build_not_the_plan(tokenizer, body, param):
+    p = plan(tokenizer, **body)  # cheap: nothing converted or compiled yet
+    with pytest.raises(BadRequest, match="Unimplemented keys") as err:
+        build_constraint_processor(p, tokenizer)
+    assert err.value.param == param
+
+
+async def test_check_plan_builds_once_in_a_thread_and_returns_the_processor(tokenizer, monkeypatch):
+    made = []
+    real = constraints._new_matcher
+
+    def counting(*args):
+        made.append(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(constraints, "_new_matcher", counting)
+    p = plan(tokenizer, response_format={"type": "json_object"})
+    assert made == []
+    processor = await check_plan(p, tokenizer)
+    assert isinstance(processor, GrammarProcessor)
+    assert len(made) == 1, "compiled exactly once"
+    assert made[0] != threading.get_ident(), "compiled off the Trio thread"
+    assert await check_plan(plan(tokenizer), tokenizer) is None
 
 
 def test_think_template_splits_reasoning_opened_by_the_prompt(tokenizer):

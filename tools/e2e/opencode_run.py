@@ -32,19 +32,17 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import trio
+
+from trioserve.testing import running_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recorder import Exchange, Recorder  # noqa: E402
@@ -54,6 +52,8 @@ ROOT = Path(__file__).resolve().parents[2]
 OPENCODE = Path(__file__).resolve().parent / "node_modules" / ".bin" / "opencode"
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "What is the capital of France?"
+# The server this starts without --server: debug logs hold the generated text (serverlog.py).
+SERVER_ARGS = ("--log-level", "debug", "--heartbeat-interval", "0.5")
 PROGRESS_HEADER = "X-SwiftLM-Prefill-Progress"
 OUTPUT_LIMIT = 64  # without limit.output OpenCode asks for 32000 tokens
 CONTEXT_LIMIT = 8192  # SmolLM2's max_position_embeddings
@@ -256,44 +256,6 @@ def verdict(run: OpenCodeRun, server_log: Path, *, progress: bool) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_server(scratch: Path, startup_timeout_s: float = 180) -> Iterator[tuple[str, Path]]:
-    """``trioserve serve --log-level debug`` on a free loopback port, for standalone runs."""
-    port = _free_port()
-    log_path = scratch / "server.log"
-    argv = [sys.executable, "-m", "trioserve", "serve", "--port", str(port)]
-    argv += ["--log-level", "debug", "--heartbeat-interval", "0.5"]
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"trioserve exited early; see {log_path}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"trioserve not ready in {startup_timeout_s} s; see {log_path}")
-            time.sleep(0.2)
-        yield url, log_path
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", help="a running trioserve, e.g. http://127.0.0.1:8080")
@@ -311,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.server:
             url, log_path = args.server, args.server_log
         else:
-            url, log_path = stack.enter_context(local_server(scratch))
+            log_path = scratch / "server.log"
+            server = running_server(*SERVER_ARGS, log_path=log_path, cwd=ROOT, die_with_parent=True)
+            url = stack.enter_context(server).url
         port = urlsplit(url).port
         if urlsplit(url).hostname != "127.0.0.1" or port is None:
             parser.error("--server must be http://127.0.0.1:PORT")

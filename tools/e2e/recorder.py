@@ -16,6 +16,8 @@ from functools import partial
 import h11
 import trio
 
+from trioserve.testing import Event, parse_events
+
 
 @dataclass
 class Recording:
@@ -23,12 +25,6 @@ class Recording:
 
     sent: bytearray = field(default_factory=bytearray)  # client -> server
     received: bytearray = field(default_factory=bytearray)  # server -> client
-
-
-@dataclass
-class SseEvent:
-    name: str | None
-    data: str
 
 
 @dataclass
@@ -51,20 +47,10 @@ class Exchange:
             return None
         return value if isinstance(value, dict) else None
 
-    def sse_events(self) -> list[SseEvent]:
-        """The response body's SSE events (comments dropped)."""
-        events = []
-        text = self.response_body.decode("utf-8", errors="replace").replace("\r\n", "\n")
-        for block in text.split("\n\n"):
-            name, data = None, []
-            for line in block.split("\n"):
-                if line.startswith("event:"):
-                    name = line[len("event:") :].strip()
-                elif line.startswith("data:"):
-                    data.append(line[len("data:") :].removeprefix(" "))
-            if data:
-                events.append(SseEvent(name, "\n".join(data)))
-        return events
+    def sse_events(self) -> list[Event]:
+        """The response body's SSE events (comment blocks dropped; a cut-off last event too)."""
+        events = parse_events(self.response_body, errors="replace")
+        return [event for event in events if not event.is_comment]
 
     def chunks(self) -> list[dict]:
         """Every JSON ``data:`` payload of the stream ([DONE] left out)."""

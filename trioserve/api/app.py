@@ -10,6 +10,9 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -27,10 +30,8 @@ from trioserve.api.errors import (
 from trioserve.api.routes import routes
 from trioserve.api.state import AppState, app_state
 from trioserve.config import ServerConfig
-from trioserve.engine.params import GenerationRequest
-from trioserve.engine.scheduler import Engine, EngineConfig
-from trioserve.engine.worker import FaultHook
-from trioserve.lifecycle import Drain
+from trioserve.drain import Drain
+from trioserve.engine.scheduler import Engine, EngineConfig, WorkerFactory
 from trioserve.metrics import Metrics
 from trioserve.models.chat_template import read_chat_template
 from trioserve.web.routes import is_ui_path, web
@@ -41,10 +42,25 @@ CORS_METHODS = "GET, POST, OPTIONS"
 PUBLIC_PATHS = {"/health"}
 
 
-def create_app(config: ServerConfig | None = None, engine: Engine | None = None) -> QuartTrio:
+def create_app(
+    config: ServerConfig | None = None,
+    engine: Engine | None = None,
+    *,
+    on_engine_failure: Callable[[str], None] | None = None,
+    worker_factory: WorkerFactory | None = None,
+) -> QuartTrio:
     """Build the app. With no arguments, configure from ``TRIOSERVE_*`` environment variables
-    (the ``hypercorn --worker-class trio 'trioserve.app:create_app()'`` launch)."""
-    from trioserve.models.loading import load_model, model_context_length
+    (the ``hypercorn --worker-class trio 'trioserve.app:create_app()'`` launch).
+
+    When the engine stops on an error, every outstanding request fails with its cause,
+    ``/health`` and every later request answer 503 with it, and ``on_engine_failure`` is
+    called with it (``trioserve serve`` then shuts down and exits with status 1). Without a
+    callback (the Hypercorn factory) the process keeps answering 503 so that a supervisor
+    watching ``/health`` can restart it; the engine is not restarted in-process, since a
+    fault that killed it once would likely kill it again.
+    ``worker_factory`` replaces the MLX worker (tests: fault injection at real seams).
+    """
+    from trioserve.models.loading import load_model, model_context_length, model_vocab_size
     from trioserve.models.registry import default_model_name, resolve_model
 
     config = config or ServerConfig.from_env()
@@ -53,18 +69,18 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
         read_chat_template(config.chat_template) if config.chat_template is not None else None
     )
     model_dir = resolve_model(str(config.model) if config.model else None, dtype=config.dtype)
-    test_faults: dict[str, str] | None = {} if config.test_faults else None
     if engine is None:
+        extra = {"worker_factory": worker_factory} if worker_factory is not None else {}
         engine = Engine(
             EngineConfig(
-                load=lambda: load_model(model_dir),
+                load=lambda: _load_on_worker(load_model, model_dir),
                 parallel=config.parallel,
                 prefill_step_size=config.prefill_step_size,
                 solo_prefill_step_size=config.solo_prefill_step_size,
                 max_queue=config.max_queue,
                 queue_timeout_s=config.queue_timeout_s,
                 prefix_cache_bytes=config.prefix_cache_mb * 1024 * 1024,
-                fault_hook=_fault_hook(test_faults) if test_faults is not None else None,
+                **extra,
             )
         )
     model_id = config.served_model_name or (
@@ -82,9 +98,8 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
         drain=Drain(config.shutdown_grace_s),
         metrics=Metrics(engine.stats),
         chat_template=chat_template,
+        vocab_size=model_vocab_size(model_dir),
     )
-    if test_faults is not None:
-        app.extensions["trioserve"].extras["test_faults"] = test_faults
     app.register_blueprint(routes)
     if config.debug_endpoints:
         app.register_blueprint(debug_routes)
@@ -95,35 +110,28 @@ def create_app(config: ServerConfig | None = None, engine: Engine | None = None)
 
     @app.before_serving
     async def start_engine() -> None:
-        app.nursery.start_soon(_run_engine, app)
+        app.nursery.start_soon(_run_engine, app.extensions["trioserve"], on_engine_failure)
 
     return app
 
 
-def _fault_hook(faults: dict[str, str]) -> FaultHook:
-    """Tests only: fail the request whose id was registered, in the phase it names."""
-
-    def hook(phase: str, request: GenerationRequest) -> None:
-        if faults.get(request.request_id) == phase:
-            raise RuntimeError(f"injected {phase} fault")
-
-    return hook
-
-
-async def _run_engine(app: QuartTrio) -> None:
-    state: AppState = app.extensions["trioserve"]
+def _load_on_worker(load: Callable[[Path], Any], model_dir: Path) -> Any:
+    """The engine's load step, on the MLX thread: the BLAS self-check runs MLX too."""
     from trioserve.blas import log_blas_report
 
     log_blas_report(logging.getLogger("trioserve"))
+    return load(model_dir)
+
+
+async def _run_engine(state: AppState, on_failure: Callable[[str], None] | None) -> None:
     try:
         await state.engine.run()
-    except Exception as exc:
-        # /health turns to 503 with the reason; requests get it too. Never silent.
-        state.load_error = f"the model engine stopped: {exc}"
-        log.critical("%s", state.load_error, exc_info=True)
-        on_failure = state.extras.get("on_engine_failure")
-        if callable(on_failure):
-            on_failure(state.load_error)
+    except Exception:
+        # Engine.run failed every outstanding request and keeps the cause in
+        # engine.failure: /health and every later request show it. Never silent.
+        log.critical("%s", state.engine.failure, exc_info=True)
+        if on_failure is not None:
+            on_failure(state.engine.failure or "the model engine stopped")
 
 
 def _error_response(err: ApiError) -> Response:
@@ -169,7 +177,10 @@ def _install_error_handlers(app: QuartTrio) -> None:
 
 
 def _install_auth_and_cors(app: QuartTrio, config: ServerConfig) -> None:
+    from trioserve.api.security import HostPolicy, check_json_content_type
+
     origins = set(config.cors_origins)
+    hosts = HostPolicy(config.host, config.api_key, config.allowed_hosts)
 
     def allowed_origin() -> str | None:
         origin = request.headers.get("Origin")
@@ -181,6 +192,8 @@ def _install_auth_and_cors(app: QuartTrio, config: ServerConfig) -> None:
 
     @app.before_request
     async def preflight_and_auth() -> Response | None:
+        # Every path, the playground's too: a DNS-rebinding page could drive it (security.py).
+        hosts.check(request.headers.get("Host") or request.headers.get(":authority"))
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
             response = Response("", status=204)
             origin = allowed_origin()
@@ -205,6 +218,9 @@ def _install_auth_and_cors(app: QuartTrio, config: ServerConfig) -> None:
                 raise Unauthorized(
                     "Missing API key." if not given else "Invalid API key.",
                 )
+        # Only on routes that exist: an unknown path or method stays a 404/405.
+        if config.require_json_content_type and request.method == "POST" and request.url_rule:
+            check_json_content_type(request.mimetype)
         return None
 
     @app.after_request

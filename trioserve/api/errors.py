@@ -23,7 +23,7 @@ from typing import Any
 
 import pydantic
 
-from trioserve.streaming.chunks import error_payload
+from trioserve.output.chunks import error_payload
 
 __all__ = [
     "ApiError",

@@ -2,8 +2,12 @@
 
 pydantic checks a body against OpenAI's shape and its ranges; the ``sampling_params`` /
 ``generation_request`` methods hand the engine plain dataclasses, so nothing below the API sees a
-request dict. Unknown fields are ignored (clients send many we do not use). What we cannot honour
-(n > 1, several prompts, non-text content) is a 400 naming the field, never silently dropped.
+request dict. Unknown fields are ignored (clients send many we do not use, and most only tune
+what OpenAI's own service does). OpenAI fields that would change the answer and that we do not
+implement are a 400 naming the field, never silently dropped: n > 1, several prompts, non-text
+content, a non-empty ``logit_bias``, and for completions ``echo: true``, a non-empty ``suffix``
+and ``best_of`` other than 1. Their neutral values (``logit_bias: {}``, ``echo: false``...) are
+accepted, since SDKs send them as defaults.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from trioserve.api.errors import BadRequest, from_validation_error
 from trioserve.engine.params import GenerationRequest, SamplingParams
 
 __all__ = [
+    "MAX_SEED",
+    "MAX_STOP_CHARS",
     "MAX_STOP_STRINGS",
     "ChatCompletionRequest",
     "ChatMessage",
@@ -30,6 +36,16 @@ __all__ = [
 ]
 
 MAX_STOP_STRINGS = 4
+# Longest stop string, in characters. The stop filter runs on the MLX thread for every token
+# of every sequence in the batch, and while text could still be the start of a stop string it
+# tries each held tail against each stop: worst case O(len(stop)^2) per token. Measured on a
+# 2-core CPU with four stops: 0.23 ms for a token at 256 characters, 11 ms at 4096, 245 ms at
+# 65536 (a decode step is ~130 ms), so an unbounded stop string could stall the whole batch.
+# Real stop strings ("\n\nUser:", "</answer>", a code fence) are far shorter. The filter also
+# holds back up to this many characters of a stream, another reason to keep it small.
+MAX_STOP_CHARS = 256
+# ``mx.random.key`` takes a uint64: 0..2**64-1. Anything else would fail on the worker.
+MAX_SEED = 2**64 - 1
 
 
 class _Model(BaseModel):
@@ -102,7 +118,7 @@ class SamplingRequest(_Model):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -111,6 +127,14 @@ class SamplingRequest(_Model):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # only empty: not implemented
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("not supported by this server (only an empty map is accepted)")
+        return value
 
     @field_validator("n")
     @classmethod
@@ -131,6 +155,8 @@ class SamplingRequest(_Model):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
         if any(s == "" for s in items):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
         return value
 
     # Overridden per endpoint: how logprobs are asked for differs.
@@ -225,14 +251,36 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     """``POST /v1/completions``.
 
-    ``prompt`` is normalized to one string or one list of token ids. ``echo`` and ``suffix`` are
-    accepted and kept; honouring them is up to the server.
+    ``prompt`` is normalized to one string or one list of token ids. ``echo``, ``suffix`` and
+    ``best_of`` are not implemented: only their neutral values are accepted.
     """
 
     prompt: str | list[int]
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
+    echo: bool | None = None
     suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("echo=true is not supported by this server")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("not supported by this server (only an empty suffix is accepted)")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise ValueError("only best_of=1 is supported")
+        return value
 
     @field_validator("prompt", mode="before")
     @classmethod

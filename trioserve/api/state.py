@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from quart import current_app
 
 from trioserve.config import ServerConfig
+from trioserve.drain import Drain
 from trioserve.engine.scheduler import Engine
-from trioserve.lifecycle import Drain
 from trioserve.metrics import Metrics
 
 
@@ -22,8 +22,12 @@ class AppState:
     drain: Drain
     metrics: Metrics
     chat_template: str | None = None  # the --chat-template text, read once at start-up
-    load_error: str | None = None
-    extras: dict[str, object] = field(default_factory=dict)
+    vocab_size: int | None = None  # the model's embedding rows (config.json), if stated
+
+    @property
+    def load_error(self) -> str | None:
+        """Why the engine is not serving, once it has stopped (None while loading/serving)."""
+        return self.engine.failure
 
 
 def app_state() -> AppState:

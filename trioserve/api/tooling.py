@@ -3,8 +3,14 @@
 ``tools``/``tool_choice`` decide which tools the template renders, whether tool calls are parsed
 and whether a grammar forces one; ``response_format`` becomes a grammar too; the chat template
 decides whether ``<think>`` reasoning is split off. The plan holds plain values only: the
-tools to render, a ``Constraint`` for the engine and a ``ShapingSpec`` for the output shaper.
+tools to render, a ``Constraint`` (the grammar, not yet converted or compiled) and a
+``ShapingSpec`` for the output shaper.
 Everything a client can get wrong here is a 400 naming the field, raised before submit.
+
+``plan_chat`` is cheap and runs on the Trio thread: the ``Constraint`` it makes converts nothing.
+``build_constraint_processor`` does the costly part (schema to grammar, the grammar compile,
+llguidance's tokenizer the first time) once, in the request's prepare thread, and returns the
+sequence's ready logits processor for the worker.
 
 Precedence: a forced ``tool_choice`` (``required`` or a named function) constrains the output
 to tool calls; otherwise ``response_format`` constrains it to JSON, and tool calls cannot occur.
@@ -25,14 +31,15 @@ from trioserve.api.schemas import ChatCompletionRequest
 from trioserve.engine.constraints import (
     Constraint,
     ConstraintError,
-    check_constraint,
+    GrammarProcessor,
+    build_processor,
     json_object_constraint,
     json_schema_constraint,
     tool_call_constraint,
 )
-from trioserve.streaming.reasoning import ReasoningFormat
-from trioserve.streaming.shaper import ShapingSpec
-from trioserve.streaming.tool_calls import ToolCallFormat
+from trioserve.output.reasoning import ReasoningFormat
+from trioserve.output.shaper import ShapingSpec
+from trioserve.output.tool_calls import ToolCallFormat
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +77,30 @@ def plan_chat(parsed: ChatCompletionRequest, tokenizer: Any, template: str | Non
     return ChatPlan(template, use_tools or None, constraint, param, shaping)
 
 
-async def check_plan(plan: ChatPlan, tokenizer: Any) -> None:
-    """Compile the plan's grammar in a thread (the first one builds llguidance's tokenizer,
-    about a second); a grammar that cannot compile is a 400 with llguidance's reason."""
+def build_constraint_processor(plan: ChatPlan, tokenizer: Any) -> GrammarProcessor | None:
+    """The plan's grammar compiled once into the sequence's ready logits processor (None: no
+    grammar). A grammar that cannot compile is a ``BadRequest`` (400) with llguidance's reason,
+    against ``plan.constraint_param``.
+
+    Sync and costly (schema to grammar, the compile; the first call per tokenizer also builds
+    llguidance's tokenizer, about a second): call it inside the request's
+    ``trio.to_thread.run_sync`` prepare step, never on the Trio thread nor on the MLX thread.
+    The processor serves that one request's sequence only.
+    """
     if plan.constraint is None:
-        return
+        return None
     try:
-        await trio.to_thread.run_sync(check_constraint, plan.constraint, tokenizer)
+        return build_processor(plan.constraint, tokenizer)
     except ConstraintError as exc:
         raise BadRequest(str(exc), param=plan.constraint_param) from None
+
+
+async def check_plan(plan: ChatPlan, tokenizer: Any) -> GrammarProcessor | None:
+    """``build_constraint_processor`` in a worker thread, for callers without a prepare step of
+    their own: raises the same ``BadRequest`` and returns the ready processor."""
+    if plan.constraint is None:
+        return None
+    return await trio.to_thread.run_sync(build_constraint_processor, plan, tokenizer)
 
 
 def shaping_for_prompt(plan: ChatPlan, tokenizer: Any, tokens: list[int]) -> ShapingSpec | None:
@@ -148,14 +170,12 @@ def _forced_call(fmt: ToolCallFormat, tools: list[dict], name: str | None) -> Co
         for t in tools
         if name is None or t["function"]["name"] == name
     ]
-    try:
-        return tool_call_constraint(calls, fmt.start, fmt.end, several=name is None)
-    except ConstraintError as exc:
-        raise BadRequest(str(exc), param="tools") from None
+    return tool_call_constraint(calls, fmt.start, fmt.end, several=name is None)
 
 
 def response_constraint(response_format: dict[str, Any]) -> Constraint | None:
-    """``response_format`` as a grammar: None for text; 400 for anything unknown."""
+    """``response_format`` as a grammar: None for text; 400 for anything unknown. Cheap: the
+    schema is converted and compiled later, by ``build_constraint_processor``."""
     kind = response_format.get("type")
     if kind in (None, "text"):
         return None
@@ -175,10 +195,7 @@ def response_constraint(response_format: dict[str, Any]) -> Constraint | None:
             "response_format.json_schema.schema must be a JSON schema object.",
             param="response_format",
         )
-    try:
-        return json_schema_constraint(schema)
-    except ConstraintError as exc:
-        raise BadRequest(str(exc), param="response_format") from None
+    return json_schema_constraint(schema)
 
 
 # -- what the model and template look like -------------------------------------------------

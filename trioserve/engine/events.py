@@ -65,7 +65,9 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    """The engine could not finish this request; ``message`` is safe to show a client."""
+    """The engine could not finish this request. ``message`` is shown to the client: it names
+    the kind of failure (an exception's type, a grammar violation's own message), never an
+    arbitrary exception's text."""
 
     message: str
 

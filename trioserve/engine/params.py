@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trioserve.engine.constraints import Constraint
+    from trioserve.engine.constraints import Constraint, GrammarProcessor
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ class GenerationRequest:
         stop: stop strings; the matched text is left out of the output.
         sampling: sampling parameters.
         request_id: the id used in logs and responses.
-        constraint: a grammar the output must follow (structured output, forced tool calls).
+        constraint: a grammar the output must follow (structured output, forced tool calls):
+            best the ready ``GrammarProcessor`` for this one sequence, compiled off the MLX
+            thread; a bare ``Constraint`` is compiled by the worker.
         continues_prompt: the output continues the prompt's text (raw completions), so a
             leading space of the first token is kept.
     """
@@ -46,5 +48,5 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
-    constraint: Constraint | None = None
+    constraint: GrammarProcessor | Constraint | None = None
     continues_prompt: bool = False

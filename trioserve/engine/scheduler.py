@@ -2,15 +2,26 @@
 
 Theory of operation
 -------------------
-``Engine.run`` is a task in the server's nursery. It starts the MLX worker with one
-``trio.to_thread.run_sync`` call and, when cancelled, tells the worker to stop and waits for it.
+``Engine.run`` is a task in the server's nursery. It starts the worker (by default the MLX
+worker on one thread of its own) and, when cancelled, tells it to stop and waits for it.
 
-A request is ``async with engine.submit(request) as handle``; iterating ``handle.events()``
-waits for a slot (a FIFO ``trio.CapacityLimiter``), hands the request to the worker and yields
-its events. Leaving the ``async with`` block, for any reason, including a cancel at any moment
-(queued, prefill, decode), runs ``_release`` synchronously: the cancel command goes to the
-worker (which drops the sequence before its next step) and the slot is released. It needs no
-``await``, so a cancelled scope cannot skip it and nothing needs shielding.
+A request goes through three honest steps::
+
+    with engine.admit(request) as handle:   # queued now, or QueueFull/EngineNotReady
+        await handle.start()                # waits for a slot, hands it to the worker
+        async for event in handle.events(): # PrefillProgress* TokenDelta* Finished|Failed
+            ...
+
+``admit`` checks the queue bound and enqueues in one synchronous step, so a burst can never
+overshoot ``max_queue``. The slot is held from ``start`` until the request's terminal event
+arrives from the worker (slot lifetime = generation lifetime, however slowly the consumer
+reads), or until the ``with`` block is left, for any reason, including a cancel at any
+moment: ``_release`` then runs synchronously, sends the worker a ``Cancel`` if it still holds
+the sequence and frees the slot. It needs no ``await``, so a cancelled scope cannot skip it.
+
+When the worker ends for any reason, every outstanding request (queued, admitted, in the
+batch, or handed over but not yet taken) fails at once with the real cause, and ``admit``
+refuses new ones with that cause. The request's states are ``request_state.Lifecycle``.
 """
 
 from __future__ import annotations
@@ -18,18 +29,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import trio
 
 from trioserve.engine.events import Event, Failed, Finished, PrefillProgress, TokenDelta
 from trioserve.engine.params import GenerationRequest
+from trioserve.engine.request_state import Lifecycle, RequestState
 from trioserve.engine.worker import (
     Cancel,
-    FaultHook,
+    Deliver,
     Stop,
     Submit,
     Ticket,
@@ -40,11 +52,9 @@ from trioserve.engine.worker import (
 
 log = logging.getLogger(__name__)
 
-Phase = Literal["queued", "prefill", "decode", "done"]
-
 
 class EngineNotReady(Exception):
-    """The model is still loading, or the engine has stopped."""
+    """The model is still loading, or the engine has stopped (the message says which)."""
 
 
 class QueueFull(Exception):
@@ -53,6 +63,18 @@ class QueueFull(Exception):
 
 class QueueTimeout(Exception):
     """A request waited longer than ``queue_timeout_s`` for a slot."""
+
+
+class WorkerLike(Protocol):
+    """What the engine needs of a worker: a command queue and one long-running entry point.
+    ``Worker`` runs the model on its own thread; a fake worker for tests is a Trio task."""
+
+    commands: Any  # .put(Submit | Cancel | Stop), thread-safe and never blocking
+
+    async def run_async(self, on_ready: Callable[[Any], None], deliver: Deliver) -> None: ...
+
+
+WorkerFactory = Callable[[WorkerConfig, Callable[..., None]], WorkerLike]
 
 
 @dataclass(frozen=True)
@@ -65,19 +87,29 @@ class EngineStats:
 
 
 class RequestHandle:
-    """One submitted request, as its consumer sees it."""
+    """One admitted request, as its consumer sees it. Made by ``Engine.admit`` only."""
 
     def __init__(self, engine: Engine, request: GenerationRequest) -> None:
         self.request = request
-        self.phase: Phase = "queued"
+        self.lifecycle = Lifecycle()
         self.prompt_processed = 0
         self.completion_tokens = 0
+        self.admitted_at: float | None = None  # time.monotonic() when a slot was granted
+        self.failure: str | None = None  # why the engine failed it, for the consumer
         self._engine = engine
         self._ticket = Ticket(request)
+        # Unbounded, but never more than one request's events: the worker's output for it.
         self._send, self._receive = trio.open_memory_channel[Event](math.inf)
-        self._holds_slot = False
-        self._submitted = False
-        self.admitted_at: float | None = None  # time.monotonic() when a slot was granted
+        self._wait: trio.CancelScope | None = None  # the slot wait, while in start()
+
+    @property
+    def state(self) -> RequestState:
+        return self.lifecycle.state
+
+    @property
+    def phase(self) -> str:
+        """The state's name, for logs and metrics labels."""
+        return self.lifecycle.state.value
 
     @property
     def prompt_len(self) -> int:
@@ -90,52 +122,122 @@ class RequestHandle:
         except ValueError:
             return None
 
-    async def events(self) -> AsyncIterator[Event]:
-        """Wait for a slot, then yield this request's events up to Finished or Failed."""
+    async def start(self) -> None:
+        """Wait (FIFO) for a slot, then hand the request to the worker.
+
+        Raises ``QueueTimeout`` after ``queue_timeout_s``, ``EngineNotReady`` when the engine
+        stopped meanwhile. Cancelling it leaves the queue cleanly (``_release`` does the rest).
+        """
         engine = self._engine
-        if not engine.ready:
-            raise EngineNotReady("the model is not loaded yet")
-        engine._waiting.append(self)
-        try:
-            with trio.move_on_after(engine.config.queue_timeout_s or math.inf) as waited:
-                await engine._limiter.acquire_on_behalf_of(self)
-        finally:
-            engine._waiting.remove(self)
-        if waited.cancelled_caught:
+        if self.state is RequestState.FAILED:  # the engine stopped before we even waited
+            raise EngineNotReady(self.failure or "the engine stopped")
+        if self.state is not RequestState.QUEUED:
+            raise RuntimeError(f"start() on a request that is {self.phase}")
+        timeout = engine.config.queue_timeout_s or math.inf
+        acquired = False
+        with trio.move_on_after(timeout) as self._wait:
+            await engine._limiter.acquire_on_behalf_of(self)
+            acquired = True
+        self._wait = None
+        if self.state is RequestState.FAILED:  # the engine stopped while we waited
+            if acquired:  # the slot came just before the failure did
+                engine._limiter.release_on_behalf_of(self)
+            raise EngineNotReady(self.failure or "the engine stopped")
+        engine._waiting.remove(self)
+        if not acquired:
+            self.lifecycle.advance(RequestState.FAILED)
             raise QueueTimeout(
                 f"no slot became free within {engine.config.queue_timeout_s:g} s; "
                 "the server is busy, retry later"
             )
-        self._holds_slot = True
+        self.lifecycle.advance(RequestState.ADMITTED)
         self.admitted_at = time.monotonic()
-        self.phase = "prefill"
         engine._by_ticket[self._ticket] = self
         engine._worker.commands.put(Submit(self._ticket))
-        self._submitted = True
-        async for event in self._receive:
-            self._observe(event)
-            yield event
-            if isinstance(event, Finished | Failed):
-                return
 
-    def _observe(self, event: Event) -> None:
+    def events(self) -> _Events:
+        """This request's events, ending after its ``Finished`` or ``Failed``."""
+        if self.state is RequestState.QUEUED:
+            raise RuntimeError("events() before start()")
+        return _Events(self._receive)
+
+    # -- called on the Trio thread by the engine -----------------------------------------
+
+    def _on_worker_event(self, event: Event) -> None:
         if isinstance(event, PrefillProgress):
             self.prompt_processed = event.processed
+            self.lifecycle.advance(RequestState.PREFILL)
         elif isinstance(event, TokenDelta):
-            self.phase = "decode"
             self.completion_tokens += 1
+            self.lifecycle.advance(RequestState.DECODE)
+        elif isinstance(event, Finished):
+            self._end(RequestState.FINISHED)
         else:
-            self.phase = "done"
+            self.failure = event.message
+            self._end(RequestState.FAILED)
+        self._send.send_nowait(event)
+
+    def _fail(self, message: str) -> None:
+        """The engine stopped: fail this request now, wherever it is."""
+        if self.lifecycle.ended:
+            return
+        self.failure = message
+        if self.state is RequestState.QUEUED:
+            self.lifecycle.advance(RequestState.FAILED)
+            if self in self._engine._waiting:
+                self._engine._waiting.remove(self)
+            if self._wait is not None:
+                self._wait.cancel()  # start() sees FAILED and raises EngineNotReady
+            return
+        self._end(RequestState.FAILED)
+        self._send.send_nowait(Failed(message))
+
+    def _end(self, state: RequestState) -> None:
+        """A terminal event from the worker (or the engine's stop): the generation is over,
+        so the slot goes back now, not when the consumer has read the last event."""
+        held = self.lifecycle.holds_slot
+        self.lifecycle.advance(state)
+        self._engine._by_ticket.pop(self._ticket, None)
+        if held:
+            self._engine._limiter.release_on_behalf_of(self)
 
     def _release(self) -> None:
+        """Leaving ``admit``'s block: whatever is not over yet is cancelled. Synchronous."""
         engine = self._engine
-        if self._submitted and self.phase != "done":
-            engine._worker.commands.put(Cancel(self._ticket))
-        engine._by_ticket.pop(self._ticket, None)
-        if self._holds_slot:
-            self._holds_slot = False
-            engine._limiter.release_on_behalf_of(self)
+        if not self.lifecycle.ended:
+            if self.lifecycle.in_worker:
+                engine._worker.commands.put(Cancel(self._ticket))
+            held = self.lifecycle.holds_slot
+            self.lifecycle.advance(RequestState.CANCELLED)
+            engine._by_ticket.pop(self._ticket, None)
+            if self in engine._waiting:
+                engine._waiting.remove(self)
+            if held:
+                engine._limiter.release_on_behalf_of(self)
         self._send.close()
+
+
+class _Events:
+    """A plain async iterator over one request's events (not a generator: nothing is
+    suspended inside a scope when the consumer stops early)."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[Event]) -> None:
+        self._receive = receive
+        self._done = False
+
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            event = await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+        if isinstance(event, Finished | Failed):
+            self._done = True
+        return event
 
 
 @dataclass
@@ -149,7 +251,8 @@ class EngineConfig:
     max_queue: int | None = None  # waiting requests beyond the slots; None: unbounded
     queue_timeout_s: float | None = None  # longest wait for a slot; None: no limit
     prefix_cache_bytes: int = 0  # KV cache kept for prefix reuse; 0: off
-    fault_hook: FaultHook | None = None
+    # The seam for tests: builds the worker from its config and the Trio scheduling call.
+    worker_factory: WorkerFactory = field(default=Worker)
 
 
 class Engine:
@@ -159,46 +262,55 @@ class Engine:
         self.config = config
         self.tokenizer: Any = None
         self.ready = False
+        self.failure: str | None = None  # why the engine stopped, once it has
         self._limiter = trio.CapacityLimiter(config.parallel)
         self._waiting: list[RequestHandle] = []
         self._by_ticket: dict[Ticket, RequestHandle] = {}
         self._snapshot = WorkerSnapshot()
         self._changed = trio.Event()
         self._ready_event = trio.Event()
-        self._worker: Worker | None = None
+        self._worker: WorkerLike | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the MLX worker thread until cancelled. ``started()`` once the model is loaded."""
+        """Own the worker until cancelled. ``started()`` once the model is loaded.
+
+        Raises the worker's own exception (not a group) when it fails; every outstanding
+        request has been failed with that cause by then.
+        """
         token = trio.lowlevel.current_trio_token()
-        self._worker = Worker(
+        worker = self.config.worker_factory(
             WorkerConfig(
                 parallel=self.config.parallel,
                 prefill_step_size=self.config.prefill_step_size,
                 solo_prefill_step_size=self.config.solo_prefill_step_size,
-                fault_hook=self.config.fault_hook,
                 prefix_cache_bytes=self.config.prefix_cache_bytes,
                 load=self.config.load,
             ),
-            schedule=token.run_sync_soon,
+            token.run_sync_soon,
         )
-        worker = self._worker
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._stop_worker_on_cancel, worker)
-            nursery.start_soon(self._report_ready, task_status)
-            try:
-                # One thread for the worker's whole life; its own limiter so other
-                # to_thread users can never keep it from starting.
-                await trio.to_thread.run_sync(
-                    worker.run,
-                    self._on_ready,
-                    self._deliver,
-                    limiter=trio.CapacityLimiter(1),
-                )
-            finally:
-                self.ready = False
-                nursery.cancel_scope.cancel()
+        self._worker = worker
+        error: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_worker_on_cancel, worker)
+                nursery.start_soon(self._report_ready, task_status)
+                try:
+                    await worker.run_async(self._on_ready, self._deliver)
+                except Exception as exc:
+                    error = exc
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.ready = False
+            if error is not None:
+                self.failure = f"the model engine stopped: {type(error).__name__}: {error}"
+            elif self.failure is None:
+                self.failure = "the model engine stopped"
+            self._fail_outstanding(self.failure)
+        if error is not None:
+            raise error
 
-    async def _stop_worker_on_cancel(self, worker: Worker) -> None:
+    async def _stop_worker_on_cancel(self, worker: WorkerLike) -> None:
         try:
             await trio.sleep_forever()
         finally:
@@ -220,35 +332,55 @@ class Engine:
         )
 
     def _deliver(self, events: list[tuple[Ticket, Event]], snapshot: WorkerSnapshot) -> None:
-        """Runs on the Trio thread: route the worker's events to their requests."""
+        """Runs on the Trio thread as a ``run_sync_soon`` callback, where an exception would
+        end the whole process: route the worker's events to their requests, and make one
+        request's bug that request's failure."""
         for ticket, event in events:
             handle = self._by_ticket.get(ticket)
-            if handle is not None:  # None: the consumer left already
-                handle._send.send_nowait(event)
+            if handle is None:  # the consumer left already, or the engine failed it
+                continue
+            try:
+                handle._on_worker_event(event)
+            except Exception as exc:
+                log.exception("request %s: event %r broke its lifecycle", ticket, event)
+                try:
+                    handle._fail(f"internal error: {type(exc).__name__}")
+                except Exception:
+                    log.exception("request %s could not be failed", ticket)
         self._snapshot = snapshot
         self._changed.set()
         self._changed = trio.Event()
 
+    def _fail_outstanding(self, message: str) -> None:
+        handles = [*self._waiting, *self._by_ticket.values()]
+        if handles:
+            log.error("failing %d outstanding request(s): %s", len(handles), message)
+        for handle in handles:
+            handle._fail(message)
+        self._waiting.clear()
+        self._by_ticket.clear()
+
     def check_admission(self) -> None:
-        """Raise ``QueueFull`` when a new request would wait behind ``max_queue`` others."""
+        """Raise ``EngineNotReady`` or ``QueueFull`` if a request arriving now would be
+        refused. Advisory (an early 429 before any work); ``admit`` is the real bound."""
+        if not self.ready:
+            raise EngineNotReady(self.failure or "The model is still loading.")
         limit = self.config.max_queue
-        if limit is None or self._limiter.available_tokens > 0:
-            return
-        if len(self._waiting) >= limit:
+        # Waiting requests that a free slot is about to take do not count as queued.
+        if limit is not None and len(self._waiting) >= limit + self._limiter.available_tokens:
             raise QueueFull(
                 f"all {self.config.parallel} slots are busy and {len(self._waiting)} "
                 "requests are queued"
             )
 
-    @asynccontextmanager
-    async def submit(self, request: GenerationRequest) -> AsyncIterator[RequestHandle]:
-        """Reserve nothing yet; iterate ``handle.events()`` to queue and generate.
-
-        Whatever way the block is left, the sequence leaves the batch and the slot is freed.
-        Raises ``QueueFull`` at once when the queue is at ``max_queue``.
-        """
+    @contextmanager
+    def admit(self, request: GenerationRequest) -> Iterator[RequestHandle]:
+        """Admit and enqueue ``request`` in one step (no checkpoint between the check and
+        the enqueue); raises ``QueueFull``/``EngineNotReady`` instead. Leaving the block,
+        however, ends the request: out of the batch, slot freed, queue left."""
         self.check_admission()
         handle = RequestHandle(self, request)
+        self._waiting.append(handle)
         try:
             yield handle
         finally:
@@ -268,8 +400,7 @@ class Engine:
         handles = [*self._waiting, *self._by_ticket.values()]
         return [handle.request.request_id for handle in handles]
 
-    async def wait_until(self, predicate: Callable[[EngineStats], bool]) -> EngineStats:
-        """Wait until ``predicate(stats)`` holds; re-checked after every worker step."""
-        while not predicate(stats := self.stats()):
-            await self._changed.wait()
-        return stats
+    async def changed(self) -> EngineStats:
+        """Wait for the next worker report; return the stats after it (tests, tools)."""
+        await self._changed.wait()
+        return self.stats()

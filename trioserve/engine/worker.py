@@ -14,6 +14,16 @@ submit, a slot's old sequence is gone before its new one enters).
 
 Results go back with ``TrioToken.run_sync_soon``, once per step: the worker never waits for
 the Trio loop, and the Trio side keeps the only references to request channels.
+
+Failure domains
+---------------
+One sequence's fault fails that request only. Its logits processors and sampler run inside
+``BatchGenerator.next()`` wrapped in a guard that records the exception and leaves the logits
+alone; after the step the worker fails and drops that sequence. Everything done per sequence
+after a step (detokenizer, stop strings, logprobs, removal) runs under its own ``try``. A step
+that raises (the model itself) fails the whole batch and starts a fresh one. Anything that
+still escapes ends the thread with ``WorkerCrashed`` (native panics included, which derive
+from ``BaseException``), and the Trio side fails every outstanding request with its cause.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
+import trio
 from mlx_lm.generate import BatchGenerator
 
 from trioserve.engine.constraints import make_constraint_processor
@@ -60,8 +71,9 @@ class Ticket:
         self.request = request
 
 
-class BatchFault(Exception):
-    """Raised by a test fault hook to make a whole model step fail."""
+class WorkerCrashed(Exception):
+    """The worker thread ended on an error that was not an ``Exception`` (e.g. a native
+    panic from tokenizers or llguidance); the original is the ``__cause__``."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +108,15 @@ class WorkerSnapshot:
 
 # Called on the Trio thread with the step's events and the state after the step.
 Deliver = Callable[[list[tuple[Ticket, Event]], WorkerSnapshot], None]
-FaultHook = Callable[[str, GenerationRequest], None]
+
+
+class _FaultBox:
+    """Where a sequence's guarded processors and sampler leave the first error they raise."""
+
+    __slots__ = ("error",)
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
 
 
 @dataclass
@@ -106,8 +126,10 @@ class _Sequence:
     detokenizer: Any
     stops: StopStringFilter
     prompt_len: int
+    fault: _FaultBox = field(default_factory=_FaultBox)
     cached: int = 0  # prompt tokens whose KV came from the prefix cache
     generated: int = 0
+    ended: bool = False  # Finished was emitted: no second terminal event
 
 
 @dataclass
@@ -115,9 +137,6 @@ class WorkerConfig:
     parallel: int
     prefill_step_size: int  # while other sequences decode
     solo_prefill_step_size: int = 0  # when none does; 0: the same as prefill_step_size
-    # Tests only: called with ("prefill" | "decode", request) before each step that involves
-    # the request; raising simulates a model failure.
-    fault_hook: FaultHook | None = None
     prefix_cache_bytes: int = 0  # 0 turns prefix reuse off
     load: Callable[[], tuple[Any, Any]] = field(default=lambda: (None, None))
 
@@ -142,8 +161,27 @@ class Worker:
 
     # -- thread entry -------------------------------------------------------------------
 
+    async def run_async(self, on_ready: Callable[[Any], None], deliver: Deliver) -> None:
+        """Run the worker on one thread of its own until ``Stop``: the engine's entry point
+        (a fake worker for tests implements the same method as a Trio task)."""
+        # Its own limiter, so other to_thread users can never keep it from starting; not
+        # abandoned on cancel: Engine.run sends Stop and waits for the thread to end.
+        await trio.to_thread.run_sync(self.run, on_ready, deliver, limiter=trio.CapacityLimiter(1))
+
     def run(self, on_ready: Callable[[Any], None], deliver: Deliver) -> None:
-        """Load the model, then serve commands until ``Stop``. Blocks the calling thread."""
+        """Load the model, then serve commands until ``Stop``. Blocks the calling thread.
+
+        Raises what ended it; a ``BaseException`` that is not an ``Exception`` (a pyo3 panic)
+        comes out as ``WorkerCrashed`` so the Trio side can report it like any error.
+        """
+        try:
+            self._run(on_ready, deliver)
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise WorkerCrashed(f"{type(exc).__name__}: {exc}") from exc
+
+    def _run(self, on_ready: Callable[[Any], None], deliver: Deliver) -> None:
         keep_freed_heap()
         self._model, self._tokenizer = self._config.load()
         install_cpu_kernels(self._model)
@@ -155,12 +193,10 @@ class Worker:
             while self._serve_once(deliver):
                 pass
         finally:
-            # Whatever is still in flight learns that the engine went away.
-            orphans = [(s.ticket, Failed("the engine stopped")) for s in self._seqs.values()]
+            # The Trio side fails every outstanding request once this thread has ended
+            # (Engine.run), whether it was in the batch, deferred or still in the queue.
             self._seqs.clear()
             self._by_ticket.clear()
-            if orphans:
-                self._schedule(deliver, orphans, self._snapshot)
             self._gen.close()
 
     def _serve_once(self, deliver: Deliver) -> bool:
@@ -186,7 +222,7 @@ class Worker:
             if isinstance(command, Submit):
                 self._submit(command.ticket, events)
             else:
-                self._cancel(command.ticket)
+                self._cancel(command.ticket, events)
         if self._seqs:
             self._step(events)
             changed = True
@@ -198,11 +234,15 @@ class Worker:
 
     def _submit(self, ticket: Ticket, events: list[tuple[Ticket, Event]]) -> None:
         req = ticket.request
+        box = _FaultBox()
         try:
-            sampler = make_request_sampler(req.sampling)
-            processors = make_request_processors(req.sampling)
-            if req.constraint is not None:  # the grammar's mask goes last, after penalties
-                processors.append(make_constraint_processor(req.constraint, self._tokenizer))
+            # Everything that can fail for this request alone happens before insert, so a
+            # failure leaves nothing of it in the batch.
+            detokenizer = self._detokenizer(req)
+            sampler = self._request_sampler(req)
+            processors = [_guard_processor(box, p) for p in self._request_processors(req)]
+            if sampler is not None:
+                sampler = _guard_sampler(box, sampler)
             prompt = list(req.prompt_tokens)
             cache, rest, cached = self._prefix.lookup(prompt)
             (uid,) = self._gen.insert(
@@ -215,41 +255,96 @@ class Worker:
             )
         except Exception as exc:  # a bad request must not take the worker down
             log.exception("request %s could not enter the batch", req.request_id)
-            events.append((ticket, Failed(f"could not start generation: {exc}")))
+            events.append((ticket, Failed(f"could not start generation: {type(exc).__name__}")))
             return
         seq = _Sequence(
             ticket=ticket,
             uid=uid,
-            detokenizer=streaming_detokenizer(self._tokenizer, req.continues_prompt),
+            detokenizer=detokenizer,
             stops=StopStringFilter(req.stop),
             prompt_len=len(req.prompt_tokens),
+            fault=box,
             cached=cached,
         )
         self._seqs[uid] = seq
         self._by_ticket[ticket] = seq
 
-    def _cancel(self, ticket: Ticket) -> None:
+    # -- per-request seams (a test double overrides these to fail where real faults occur)
+
+    def _request_sampler(self, req: GenerationRequest) -> Any:
+        return make_request_sampler(req.sampling)
+
+    def _request_processors(self, req: GenerationRequest) -> list[Any]:
+        processors = make_request_processors(req.sampling)
+        if req.constraint is not None:  # the grammar's mask goes last, after penalties
+            processors.append(self._constraint_processor(req))
+        return processors
+
+    def _constraint_processor(self, req: GenerationRequest) -> Any:
+        return make_constraint_processor(req.constraint, self._tokenizer)
+
+    def _detokenizer(self, req: GenerationRequest) -> Any:
+        return streaming_detokenizer(self._tokenizer, req.continues_prompt)
+
+    def _store_prefix(self, req: GenerationRequest, tokens: list[int], cache: Any) -> None:
+        self._prefix.store(tokens, cache)
+
+    def _next(self) -> tuple[list[Any], list[Any]]:
+        return self._gen.next()
+
+    # -- removal ------------------------------------------------------------------------
+
+    def _cancel(self, ticket: Ticket, events: list[tuple[Ticket, Event]]) -> None:
         seq = self._by_ticket.get(ticket)
         if seq is not None:
-            self._drop(seq)
+            try:
+                self._drop(seq)
+            except Exception as exc:  # the batch's state is unknown now
+                self._fail_all(exc, events)
 
     def _drop(self, seq: _Sequence, keep_cache: bool = False) -> None:
+        """Take the sequence out of the batch; with ``keep_cache``, offer its KV cache to the
+        prefix cache (a failure there only loses the reuse, never the answer)."""
+        self._seqs.pop(seq.uid, None)
+        self._by_ticket.pop(seq.ticket, None)
         caches = self._gen.remove([seq.uid], return_prompt_caches=keep_cache)
         if keep_cache and seq.uid in caches:
             cache, tokens = caches[seq.uid]
-            self._prefix.store(tokens, cache)
-        self._seqs.pop(seq.uid, None)
-        self._by_ticket.pop(seq.ticket, None)
+            self._keep_prefix(seq, tokens, cache)
+
+    def _keep_prefix(self, seq: _Sequence, tokens: list[int], cache: Any) -> None:
+        try:
+            self._store_prefix(seq.ticket.request, tokens, cache)
+        except Exception as exc:
+            log.error(
+                "request %s: could not keep its KV cache for prefix reuse: %r",
+                seq.ticket.request.request_id,
+                exc,
+            )
+
+    def _fail_one(
+        self, seq: _Sequence, exc: BaseException, events: list[tuple[Ticket, Event]]
+    ) -> None:
+        """One sequence's own work raised: fail that request, drop it, the rest go on."""
+        request_id = seq.ticket.request.request_id
+        log.error("request %s failed: %s", request_id, _describe(exc), exc_info=exc)
+        self._snapshot = replace(self._snapshot, failures=self._snapshot.failures + 1)
+        if not seq.ended:
+            seq.ended = True
+            events.append((seq.ticket, Failed(_failure_message(exc))))
+        if seq.uid not in self._seqs:
+            return  # already out of the batch
+        try:
+            self._drop(seq)
+        except Exception as drop_exc:  # the batch's state is unknown now
+            self._fail_all(drop_exc, events)
 
     # -- one step -----------------------------------------------------------------------
 
     def _step(self, events: list[tuple[Ticket, Event]]) -> None:
         try:
-            self._run_fault_hook(events)
-            if not self._seqs:
-                return
             self._choose_prefill_step()
-            prompt_responses, generation_responses = self._gen.next()
+            prompt_responses, generation_responses = self._next()
         except PrefillCancelled:
             self._restart_after_cut()
             return
@@ -257,6 +352,9 @@ class Worker:
             # A failed step leaves the batch in an unknown state: fail it all, start afresh.
             self._fail_all(exc, events)
             return
+        # A processor or sampler that raised inside the step marked its own sequence.
+        for seq in [s for s in self._seqs.values() if s.fault.error is not None]:
+            self._fail_one(seq, seq.fault.error, events)
         for r in prompt_responses:
             seq = self._seqs.get(r.uid)
             if seq is not None:
@@ -267,8 +365,12 @@ class Worker:
                 )
         for r in generation_responses:
             seq = self._seqs.get(r.uid)
-            if seq is not None:
+            if seq is None:
+                continue
+            try:
                 self._on_token(seq, r, events)
+            except Exception as exc:
+                self._fail_one(seq, exc, events)
 
     def _choose_prefill_step(self) -> None:
         """Short prefill chunks while others decode (each chunk holds them up), long ones
@@ -303,23 +405,6 @@ class Worker:
         self._gen.close()
         self._gen = self._new_generator()
 
-    def _run_fault_hook(self, events: list[tuple[Ticket, Event]]) -> None:
-        """Tests only: the hook raising fails that one sequence, as a per-sequence model
-        error would; ``BatchFault`` fails the whole step instead."""
-        hook = self._config.fault_hook
-        if hook is None:
-            return
-        for seq in list(self._seqs.values()):
-            try:
-                hook("decode" if seq.generated else "prefill", seq.ticket.request)
-            except BatchFault:
-                raise
-            except Exception as exc:
-                log.error("request %s failed in the model: %r", seq.ticket.request.request_id, exc)
-                events.append((seq.ticket, Failed(f"the model failed on this request: {exc}")))
-                self._drop(seq)
-                self._snapshot = replace(self._snapshot, failures=self._snapshot.failures + 1)
-
     def _on_token(self, seq: _Sequence, r: Any, events: list[tuple[Ticket, Event]]) -> None:
         seq.generated += 1
         is_eos = r.token in self._tokenizer.eos_token_ids
@@ -349,12 +434,13 @@ class Worker:
             prompt_tokens=seq.prompt_len, completion_tokens=completion, cached_tokens=seq.cached
         )
         events.append((seq.ticket, Finished(reason, usage)))
+        seq.ended = True
         if r.finish_reason is None:
             self._drop(seq, keep_cache=True)  # stopped by a stop string: still in the batch
-        else:
-            self._prefix.store(r.all_tokens, r.prompt_cache)
+        else:  # mlx-lm has let it go already
             self._seqs.pop(seq.uid, None)
             self._by_ticket.pop(seq.ticket, None)
+            self._keep_prefix(seq, r.all_tokens, r.prompt_cache)
 
     def _logprobs(
         self, token: int, logprobs: mx.array, top_n: int
@@ -374,9 +460,17 @@ class Worker:
 
     def _fail_all(self, exc: Exception, events: list[tuple[Ticket, Event]]) -> None:
         """A step raised: fail everything in the batch, then start from a fresh batch."""
-        log.error("model step failed; failing %d request(s): %r", len(self._seqs), exc)
+        log.error(
+            "model step failed; failing %d request(s): %s",
+            len(self._seqs),
+            _describe(exc),
+            exc_info=exc,
+        )
         for seq in self._seqs.values():
-            events.append((seq.ticket, Failed(f"the model failed during generation: {exc}")))
+            if not seq.ended:
+                events.append(
+                    (seq.ticket, Failed(f"the model failed during generation: {_describe(exc)}"))
+                )
         self._seqs.clear()
         self._by_ticket.clear()
         self._snapshot = replace(self._snapshot, failures=self._snapshot.failures + 1)
@@ -418,6 +512,56 @@ class Worker:
             generated_tokens=stats.generation_tokens,
         )
         return self._snapshot
+
+
+def _guard_processor(box: _FaultBox, processor: Callable) -> Callable:
+    """A logits processor that records its first error instead of failing the whole step."""
+
+    def guarded(tokens: mx.array, logits: mx.array) -> mx.array:
+        if box.error is None:
+            try:
+                return processor(tokens, logits)
+            except Exception as exc:
+                box.error = exc
+            except BaseException as exc:  # native panics; never KeyboardInterrupt here
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise
+                box.error = exc
+        return logits  # the sequence is failed and dropped right after this step
+
+    return guarded
+
+
+def _guard_sampler(box: _FaultBox, sampler: Callable) -> Callable:
+    """A per-request sampler that records its first error instead of failing the step."""
+
+    def guarded(logprobs: mx.array) -> mx.array:
+        if box.error is None:
+            try:
+                return sampler(logprobs)
+            except Exception as exc:
+                box.error = exc
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise
+                box.error = exc
+        return mx.argmax(logprobs, axis=-1)
+
+    return guarded
+
+
+def _describe(exc: BaseException) -> str:
+    """For logs and the engine's failure reason: the type, and the message if short."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def _failure_message(exc: BaseException) -> str:
+    """What the client is told. A ``ClientSafeError`` (e.g. a grammar violation) carries a
+    message meant for it; anything else names only the kind of failure."""
+    if getattr(exc, "client_safe", False):
+        return str(exc)
+    return f"the model failed on this request ({type(exc).__name__})"
 
 
 def _batch_size(gen: BatchGenerator) -> int:

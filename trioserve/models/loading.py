@@ -64,3 +64,13 @@ def model_context_length(path: Path) -> int:
         return int(value) if value and int(value) > 0 else DEFAULT_CONTEXT_LENGTH
     except (TypeError, ValueError):
         return DEFAULT_CONTEXT_LENGTH
+
+
+def model_vocab_size(path: Path) -> int | None:
+    """Rows of the model's embedding (config.json vocab_size), or None when not stated.
+    Can differ from the tokenizer's length (padded or extended vocabularies)."""
+    value = _read_json(Path(path) / "config.json").get("vocab_size")
+    try:
+        return int(value) if value and int(value) > 0 else None
+    except (TypeError, ValueError):
+        return None

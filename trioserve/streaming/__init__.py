@@ -1,1 +1,2 @@
-"""Streaming: SSE framing and OpenAI chunk building, kept free of I/O so tests need no server."""
+"""Streaming I/O: one request's run against the engine (session) and the SSE response body
+with its nursery (stream). The sans-IO output they send lives in ``output/``."""

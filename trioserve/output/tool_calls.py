@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from trioserve.streaming.pieces import (
+from trioserve.output.pieces import (
     ContentPiece,
     Piece,
     ToolCallArguments,
@@ -351,7 +351,9 @@ class ToolCallParser:
             parsed = parse(body, self._tools)
         except Exception as exc:  # family parsers raise many types on malformed text
             parsed = None
-            log.warning("tool call parser %s failed: %r", self._fmt.family, exc)
+            # The exception may quote the model's text: only its type above debug level.
+            log.warning("tool call parser %s failed: %s", self._fmt.family, type(exc).__name__)
+            log.debug("tool call parser %s failed: %r", self._fmt.family, exc)
         calls = parsed if isinstance(parsed, list) else [parsed]
         good = [c for c in calls if isinstance(c, dict) and isinstance(c.get("name"), str)]
         if not good:
@@ -369,9 +371,12 @@ class ToolCallParser:
         """A complete but malformed call comes back as content, verbatim; one cut off by the
         end of generation (``max_tokens``) before it had a name is dropped."""
         if not ended:
-            log.info("dropped a tool call cut off before its name: %r", body[:200])
+            # What the model wrote is logged at debug level only; above it, its length.
+            log.info("dropped a tool call cut off before its name (%d characters)", len(body))
+            log.debug("dropped tool call: %r", body[:200])
             return
-        log.warning("unparseable tool call returned as content: %r", body[:200])
+        log.warning("unparseable tool call returned as content (%d characters)", len(body))
+        log.debug("unparseable tool call: %r", body[:200])
         markup = self._ws_before + self._fmt.start + body + self._fmt.end
         self._content(markup, out, force=True)
 

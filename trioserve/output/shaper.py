@@ -14,15 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from trioserve.streaming.pieces import (
+from trioserve.output.pieces import (
     ContentPiece,
     Piece,
     ReasoningPiece,
     ToolCallArguments,
     ToolCallStart,
 )
-from trioserve.streaming.reasoning import ReasoningFormat, ReasoningSplitter
-from trioserve.streaming.tool_calls import ToolCallFormat, ToolCallParser
+from trioserve.output.reasoning import ReasoningFormat, ReasoningSplitter
+from trioserve.output.tool_calls import ToolCallFormat, ToolCallParser
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trioserve.streaming.pieces import ContentPiece, ReasoningPiece, hold_back
+from trioserve.output.pieces import ContentPiece, ReasoningPiece, hold_back
 
 
 @dataclass(frozen=True)

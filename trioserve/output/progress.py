@@ -13,7 +13,7 @@ from typing import Any
 
 from trioserve.config import truthy
 from trioserve.engine.scheduler import RequestHandle
-from trioserve.streaming.chunks import ChunkBuilder
+from trioserve.output.chunks import ChunkBuilder
 
 PROGRESS_HEADERS = ("X-SwiftLM-Prefill-Progress", "X-Trioserve-Prefill-Progress")
 PROGRESS_EVENT = "prefill_progress"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from trioserve.engine.events import TokenDelta, Usage
-from trioserve.streaming.pieces import (
+from trioserve.output.pieces import (
     ContentPiece,
     Piece,
     ReasoningPiece,

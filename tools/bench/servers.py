@@ -1,0 +1,115 @@
+"""The two servers, on one converted model directory: trioserve and mlx-lm's own server.
+
+Both run float32 weights on OpenBLAS (the peer through LD_PRELOAD, checked in
+/proc/PID/maps once it runs) with the same OpenBLAS thread count, one slot per stream of the
+largest workload, on 127.0.0.1, each with its log in a file. They run in sessions of their
+own (Ctrl-C reaches only the driver, which stops them) and die with the driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from bench_common import ROOT, mapped_libraries, openblas_path
+
+from trioserve.testing import ServerProcess, free_port
+
+SERVER_NAMES = ("trioserve", "peer")
+
+
+def blas_env(args: argparse.Namespace) -> dict[str, str]:
+    """The same OpenBLAS thread count for every process: ``--blas-threads``, else the one
+    trioserve picks for itself (importing trioserve sets a default when none is set)."""
+    import trioserve  # noqa: F401
+
+    threads = (
+        str(args.blas_threads) if args.blas_threads else os.environ.get("OPENBLAS_NUM_THREADS")
+    )
+    return {"OPENBLAS_NUM_THREADS": threads} if threads else {}
+
+
+def _server(name: str, argv: list[str], port: int, env: dict[str, str], logs: Path):
+    return ServerProcess(
+        argv,
+        port,
+        log_path=logs / f"{name}.log",
+        env=env,
+        cwd=ROOT,
+        name=name,
+        new_session=True,  # Ctrl-C reaches only the driver, which stops us cleanly
+        die_with_parent=True,  # no server outlives the benchmark
+    )
+
+
+def make_servers(
+    args: argparse.Namespace, model_dir: Path, logs: Path, slots: int
+) -> list[ServerProcess]:
+    """The servers ``--only`` asks for (both by default), not started yet."""
+    env = blas_env(args)
+    servers = []
+    if args.only in (None, "trioserve"):
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "trioserve",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--parallel",
+            str(slots),
+            "--prefill-step-size",
+            str(args.prefill_step_size),
+            "--log-level",
+            "warning",
+        ]
+        servers.append(_server("trioserve", argv, port, env, logs))
+    if args.only in (None, "peer"):
+        blas = openblas_path()
+        if blas is None:
+            raise SystemExit("cmeel-openblas is not installed: the peer would run on the slow BLAS")
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "mlx_lm.server",
+            "--model",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--decode-concurrency",
+            str(slots),
+            "--prompt-concurrency",
+            str(slots),
+            "--prefill-step-size",
+            str(args.peer_prefill_step_size),
+            "--log-level",
+            "WARNING",
+        ]
+        servers.append(_server("peer", argv, port, {**env, "LD_PRELOAD": blas}, logs))
+    return servers
+
+
+def check_blas(servers: list[ServerProcess]) -> None:
+    """Every server really runs on OpenBLAS (read from its memory map); say which one.
+
+    Raises:
+        RuntimeError: if one has no libopenblas mapped: the comparison would be unfair.
+    """
+    for s in servers:
+        libs = mapped_libraries(s.pid, "libopenblas")
+        if not libs:
+            raise RuntimeError(f"{s.name} has no libopenblas mapped: the comparison is unfair")
+        print(
+            f"{s.name}: pid {s.pid}, {' '.join(s.argv[1:4])} ..., BLAS {libs[0]}",
+            file=sys.stderr,
+        )
