@@ -211,6 +211,22 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "with an error; a second signal exits at once (default: %(default)s)",
     )
     p.add_argument(
+        "--responses-store-size",
+        type=int,
+        default=256,
+        metavar="N",
+        help="finished /v1/responses answers kept in memory (when a request asks to store "
+        "it) for previous_response_id and GET /v1/responses/ID; 0 keeps none "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--responses-store-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long a stored response is kept (default: %(default)s)",
+    )
+    p.add_argument(
         "--debug-endpoints",
         action="store_true",
         help="serve /debug/state (task, thread and memory counts) for leak checks; off by default",
@@ -311,6 +327,8 @@ FLAGS = {
     "queue_timeout_s": "--queue-timeout",
     "send_timeout_s": "--send-timeout",
     "shutdown_grace_s": "--shutdown-grace",
+    "responses_store_size": "--responses-store-size",
+    "responses_store_ttl_s": "--responses-store-ttl",
 }
 
 
@@ -342,6 +360,8 @@ def _serve_config(args: argparse.Namespace, model_dir: Path | None = None):  # -
         queue_timeout_s=args.queue_timeout or None,  # 0: no limit
         send_timeout_s=args.send_timeout,
         shutdown_grace_s=args.shutdown_grace,
+        responses_store_size=args.responses_store_size,
+        responses_store_ttl_s=args.responses_store_ttl,
         debug_endpoints=args.debug_endpoints,
         ui=args.ui,
         chat_template=args.chat_template,

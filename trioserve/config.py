@@ -71,6 +71,9 @@ class ServerConfig:
     send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is dropped
     shutdown_grace_s: float = 10.0  # on SIGINT/SIGTERM, in-flight work gets this long
     debug_endpoints: bool = False  # /debug/state (task and thread counts) for stress tests
+    # /v1/responses with store: finished responses kept for previous_response_id and GET.
+    responses_store_size: int = 256  # 0: keep none
+    responses_store_ttl_s: float = 3600.0
     ui: bool = True  # the web playground at / (off: --no-ui, TRIOSERVE_UI=0)
     # DNS-rebinding defence (api/security.py). Empty: when bound to loopback without an API
     # key, only loopback Host names (localhost, 127.0.0.1, [::1]) are served. Names here are
@@ -141,6 +144,8 @@ def _validate(c: ServerConfig) -> None:
         _positive("queue_timeout_s", c.queue_timeout_s, note="no limit: none, or --queue-timeout 0")
     _non_negative("send_timeout_s", c.send_timeout_s, note="0: never drop")
     _non_negative("shutdown_grace_s", c.shutdown_grace_s)
+    _at_least("responses_store_size", c.responses_store_size, 0, note="0: keep none")
+    _positive("responses_store_ttl_s", c.responses_store_ttl_s)
     if not (math.isfinite(c.default_temperature) and 0.0 <= c.default_temperature <= 2.0):
         raise ConfigError(
             "default_temperature", f"must be between 0 and 2, got {c.default_temperature:g}"

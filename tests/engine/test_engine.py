@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import trio
 import trio.lowlevel
 
@@ -14,6 +16,7 @@ from tests.engine.conftest import (
     wait_for,
 )
 from trioserve.engine.events import Failed, Finished, PrefillProgress, TokenDelta
+from trioserve.engine.worker import Worker
 
 LONG_PROMPT = "Summarize this text. " + " ".join(
     f"Sentence number {i} talks about the weather in a small town." for i in range(30)
@@ -222,10 +225,31 @@ VERY_LONG_PROMPT = "Summarize this text. " + " ".join(
 )
 
 
+class _PausesInItsSecondChunk(Worker):
+    """The real worker, but in the second prefill chunk it waits at a layer checkpoint
+    (at most 30 s) until a command arrives: the test's cancel then lands mid-chunk on any
+    machine, however fast or busy, instead of racing the chunk."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._checkpoints = 0
+
+    def _prefill_checkpoint(self) -> None:
+        self._checkpoints += 1
+        per_chunk = len(self._model.layers) - 1  # a gate between every two layers
+        if self._checkpoints == per_chunk + 2:  # two layers into the second chunk
+            deadline = time.monotonic() + 30
+            while self.commands.empty() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        super()._prefill_checkpoint()
+
+
 async def test_cancel_mid_prefill_cuts_the_chunk_between_layers(open_engine):
     # Alone, the prompt is read in 400-token chunks. The first progress event arrives once
-    # the first chunk is done, so the cancel lands while the second (~1-2 s) runs.
-    async with open_engine(parallel=1, solo_prefill_step_size=400) as engine:
+    # the first chunk is done; the worker holds the second chunk until the cancel is in.
+    async with open_engine(
+        parallel=1, solo_prefill_step_size=400, worker_factory=_PausesInItsSecondChunk
+    ) as engine:
         request = chat_request(engine, VERY_LONG_PROMPT, max_tokens=20)
         assert len(request.prompt_tokens) > 800
         steps = await _cancel_after(engine, request, lambda e: isinstance(e, PrefillProgress))

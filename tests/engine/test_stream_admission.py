@@ -7,6 +7,7 @@ import json
 import trio
 
 from tests.engine.conftest import chat_request, wait_for
+from trioserve.api.dialects.chat import ChunkRenderer
 from trioserve.output.assembler import Assembler
 from trioserve.output.chunks import ChunkBuilder
 from trioserve.streaming.stream import SSEBody, StreamOptions
@@ -24,7 +25,7 @@ async def test_a_stream_that_finds_the_queue_full_ends_with_a_rate_limit_error(o
 
         async with trio.open_nursery() as nursery:
             await nursery.start(hold_the_slot)
-            assembler = Assembler(ChunkBuilder.new("chat", "m"))
+            assembler = Assembler(_renderer())
             request = chat_request(engine, "Say hi.")
             with trio.fail_after(30):
                 async with SSEBody(engine, request, assembler, StreamOptions()) as body:
@@ -39,3 +40,7 @@ async def test_a_stream_that_finds_the_queue_full_ends_with_a_rate_limit_error(o
     assert error["type"] == "rate_limit_error"
     assert error["code"] == "queue_full"
     assert "busy" in error["message"]
+
+
+def _renderer() -> ChunkRenderer:
+    return ChunkRenderer(ChunkBuilder.new("chat", "m"), logprobs=False, include_usage=False)

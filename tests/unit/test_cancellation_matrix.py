@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from trioserve.api.dialects.chat import ChunkRenderer
 from trioserve.drain import Drain
 from trioserve.engine.params import GenerationRequest
 from trioserve.engine.scheduler import Engine, EngineConfig
@@ -140,7 +141,7 @@ async def test_cell(moment, cause, autojump_clock, caplog):
                 send_timeout_s=1.0 if cause == "send_timeout" else None,
                 drain=drain,
             )
-            assembler = Assembler(ChunkBuilder.new("chat", "m"), progress=True)
+            assembler = Assembler(_renderer(), progress=True)
             # After generation, all of a short answer's frames fit in the stream's buffer:
             # the writer is done and only the client's reading is left.
             short = moment in ("finished_unread", "after_done")
@@ -239,3 +240,7 @@ def test_every_cell_of_the_matrix_is_decided():
     for moment in MOMENTS:
         for cause in CAUSES:
             assert ((moment, cause) in EXPECTED) != ((moment, cause) in impossible)
+
+
+def _renderer() -> ChunkRenderer:
+    return ChunkRenderer(ChunkBuilder.new("chat", "m"), logprobs=False, include_usage=False)

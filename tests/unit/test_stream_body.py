@@ -6,6 +6,7 @@ import json
 
 import trio
 
+from trioserve.api.dialects.chat import ChunkRenderer
 from trioserve.engine.params import GenerationRequest
 from trioserve.engine.scheduler import Engine, EngineConfig
 from trioserve.output.assembler import Assembler
@@ -19,7 +20,7 @@ def _request(request_id: str, prompt: int = 40, max_tokens: int = 5) -> Generati
 
 
 async def _stream(engine: Engine, request: GenerationRequest, options: StreamOptions, **kw):
-    assembler = Assembler(ChunkBuilder.new("chat", "m"), **kw)
+    assembler = Assembler(_renderer(), **kw)
     async with SSEBody(engine, request, assembler, options) as body:
         return [frame async for frame in body]
 
@@ -77,3 +78,7 @@ async def test_no_keepalive_comments_unless_asked(autojump_clock):
 
     frames = await _with_engine(scenario, step_s=1.0)
     assert not [f for f in frames if f.startswith(b":")]
+
+
+def _renderer() -> ChunkRenderer:
+    return ChunkRenderer(ChunkBuilder.new("chat", "m"), logprobs=False, include_usage=False)

@@ -19,6 +19,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from trioserve.api.debug import debug_routes
+from trioserve.api.dialects.responses.store import ResponseStore
 from trioserve.api.errors import (
     ApiError,
     MethodNotAllowed,
@@ -38,7 +39,7 @@ from trioserve.web.routes import is_ui_path, web
 
 log = logging.getLogger("trioserve.api")
 
-CORS_METHODS = "GET, POST, OPTIONS"
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 PUBLIC_PATHS = {"/health"}
 
 
@@ -99,6 +100,7 @@ def create_app(
         metrics=Metrics(engine.stats),
         chat_template=chat_template,
         vocab_size=model_vocab_size(model_dir),
+        responses=ResponseStore(config.responses_store_size, config.responses_store_ttl_s),
     )
     app.register_blueprint(routes)
     if config.debug_endpoints:

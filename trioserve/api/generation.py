@@ -1,9 +1,10 @@
-"""The two generation endpoints' shared path: validate, prepare, run, answer.
+"""Every dialect's shared path: prepare, run, answer.
 
-Thin on purpose: parsing lives in ``schemas``, the run against the engine in
-``streaming.session``, the output in ``streaming.assembler`` and the stream in
-``streaming.stream``. Templating, tokenization and grammar compilation run in one worker
-thread (``_prepare``), never on the Trio thread, which serves every stream at once.
+A dialect (``api/dialects/``) parses its body into a ``NeutralRequest`` and supplies a
+``Renderer``; from there this is the same for all: templating, tool planning and grammar
+compilation in one worker thread (``_prepare``, never on the Trio thread, which serves every
+stream at once), the context clamp, admission, the run against the engine
+(``streaming.session``), the stream (``streaming.stream``) or the whole body.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import trio
 from quart import Response, request
 
+from trioserve.api.dialects.neutral import NeutralRequest
 from trioserve.api.errors import (
     ApiError,
     BadRequest,
@@ -23,7 +25,6 @@ from trioserve.api.errors import (
     RateLimited,
     ServiceUnavailable,
 )
-from trioserve.api.schemas import ChatCompletionRequest, CompletionRequest
 from trioserve.api.state import AppState, app_state
 from trioserve.api.tooling import (
     ChatPlan,
@@ -39,8 +40,7 @@ from trioserve.models.chat_template import (
     chat_prompt_tokens,
     completion_prompt_tokens,
 )
-from trioserve.output.assembler import Assembler
-from trioserve.output.chunks import ChunkBuilder
+from trioserve.output.assembler import Assembler, Renderer
 from trioserve.output.progress import wants_progress
 from trioserve.output.shaper import ShapingSpec
 from trioserve.streaming.session import Ending, run_generation
@@ -54,8 +54,6 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
-Kind = Literal["chat", "completion"]
-
 
 @dataclass(frozen=True)
 class _Prepared:
@@ -65,8 +63,9 @@ class _Prepared:
 
 
 async def handle_generation(
-    parsed: ChatCompletionRequest | CompletionRequest, kind: Kind
+    parsed: NeutralRequest, renderer: Renderer, kind: str
 ) -> Response | tuple[dict, int]:
+    """Answer one request of any dialect: a stream or a whole body from ``renderer``."""
     state = app_state()
     if state.drain.draining:
         raise ServiceUnavailable("The server is shutting down.")
@@ -84,10 +83,9 @@ async def handle_generation(
     )
     _admit(state)  # again, for an early 429: the queue may have filled meanwhile
     assembler = Assembler(
-        ChunkBuilder.new(kind, state.model_id),
+        renderer,
         shaping=prepared.shaping,
-        logprobs=parsed.want_logprobs,
-        include_usage=parsed.include_usage,
+        logprobs=parsed.logprobs,
         progress=parsed.stream and wants_progress(request.headers),
     )
     if parsed.stream:
@@ -95,13 +93,11 @@ async def handle_generation(
     return await _complete(state, gen, assembler)
 
 
-def _prepare(
-    state: AppState, parsed: ChatCompletionRequest | CompletionRequest, request_id: str
-) -> _Prepared:
+def _prepare(state: AppState, parsed: NeutralRequest, request_id: str) -> _Prepared:
     """Everything costly before generation: runs in a worker thread (not the MLX one)."""
     tokenizer = state.engine.tokenizer
     plan = None
-    if isinstance(parsed, ChatCompletionRequest):  # tools, response_format, reasoning
+    if parsed.is_chat:  # tools, response_format, reasoning
         plan = plan_chat(parsed, tokenizer, state.chat_template)
     tokens = _prompt_tokens(state, parsed, plan)
     gen = parsed.generation_request(
@@ -131,27 +127,27 @@ def context_limit(state: AppState) -> int:
     return min(limit, ctx_size) if ctx_size else limit
 
 
-def _prompt_tokens(
-    state: AppState, parsed: ChatCompletionRequest | CompletionRequest, plan: ChatPlan | None
-) -> list[int]:
+def _prompt_tokens(state: AppState, parsed: NeutralRequest, plan: ChatPlan | None) -> list[int]:
     tokenizer = state.engine.tokenizer
     try:
-        if isinstance(parsed, ChatCompletionRequest) and plan is not None:
+        if parsed.is_chat and plan is not None:
             messages = parsed.template_messages()
             tokens = chat_prompt_tokens(tokenizer, messages, plan.tools, plan.template)
         else:
             tokens = completion_prompt_tokens(tokenizer, parsed.prompt)
     except PromptError as exc:
-        raise BadRequest(str(exc), param="messages") from None
+        raise BadRequest(str(exc), param=parsed.prompt_param) from None
     if not tokens:
-        raise BadRequest("The prompt is empty.", param="prompt")
+        raise BadRequest("The prompt is empty.", param=parsed.prompt_param)
     # Ids past the embedding's rows would read out of bounds (MLX does not check).
     vocab = min(len(tokenizer), state.vocab_size or len(tokenizer))
     if any(t >= vocab for t in tokens):
-        raise BadRequest(f"Token ids must be below the vocabulary size {vocab}.", param="prompt")
+        raise BadRequest(
+            f"Token ids must be below the vocabulary size {vocab}.", param=parsed.prompt_param
+        )
     limit = context_limit(state)
     if len(tokens) >= limit:
-        param = "messages" if isinstance(parsed, ChatCompletionRequest) else "prompt"
+        param = parsed.prompt_param
         raise ContextLengthExceeded(
             f"This server's context length is {limit} tokens, but the prompt has "
             f"{len(tokens)} tokens (at least one more is needed for the answer).",
@@ -203,7 +199,7 @@ async def _complete(
     )
     if ending.finished is None:
         raise _as_api_error(ending)
-    log.debug("request %s (%s) text: %r", gen.request_id, assembler.builder.id, assembler.text)
+    log.debug("request %s (%s) text: %r", gen.request_id, _response_id(assembler), assembler.text)
     return assembler.body(ending.finished), 200
 
 
@@ -215,3 +211,7 @@ def _as_api_error(ending: Ending) -> ApiError:
             ending.message, code=ending.code, retry_after_s=ending.retry_after_s
         )
     return ApiError(ending.message, code=ending.code)
+
+
+def _response_id(assembler: Assembler) -> str:
+    return getattr(assembler.renderer, "response_id", "")

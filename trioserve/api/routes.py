@@ -4,24 +4,47 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, request
 
+from trioserve.api.dialects.chat import ChunkRenderer, chat_to_neutral, completion_to_neutral
+from trioserve.api.dialects.responses import endpoint as responses
 from trioserve.api.generation import handle_generation
 from trioserve.api.schemas import parse_chat_request, parse_completion_request
 from trioserve.api.state import app_state
 from trioserve.metrics import CONTENT_TYPE
+from trioserve.output.chunks import ChunkBuilder
 
 routes = Blueprint("openai", __name__)
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions():
-    parsed = parse_chat_request(await request.get_data(cache=False))
-    return await handle_generation(parsed, "chat")
+    neutral = chat_to_neutral(parse_chat_request(await request.get_data(cache=False)))
+    return await handle_generation(neutral, _chunk_renderer("chat", neutral), "chat")
 
 
 @routes.post("/v1/completions")
 async def completions():
-    parsed = parse_completion_request(await request.get_data(cache=False))
-    return await handle_generation(parsed, "completion")
+    neutral = completion_to_neutral(parse_completion_request(await request.get_data(cache=False)))
+    return await handle_generation(neutral, _chunk_renderer("completion", neutral), "completion")
+
+
+@routes.post("/v1/responses")
+async def responses_create():
+    return await responses.create_response(app_state(), await request.get_data(cache=False))
+
+
+@routes.get("/v1/responses/<response_id>")
+async def responses_get(response_id: str):
+    return responses.get_response(app_state(), response_id)
+
+
+@routes.delete("/v1/responses/<response_id>")
+async def responses_delete(response_id: str):
+    return responses.delete_response(app_state(), response_id)
+
+
+def _chunk_renderer(kind, neutral) -> ChunkRenderer:  # kind: "chat" | "completion"
+    builder = ChunkBuilder.new(kind, app_state().model_id)
+    return ChunkRenderer(builder, logprobs=neutral.logprobs, include_usage=neutral.include_usage)
 
 
 @routes.get("/v1/models")

@@ -31,6 +31,8 @@ __all__ = [
     "ContentPart",
     "SamplingRequest",
     "StreamOptions",
+    "check_stop",
+    "parse_body",
     "parse_chat_request",
     "parse_completion_request",
 ]
@@ -46,6 +48,24 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 # ``mx.random.key`` takes a uint64: 0..2**64-1. Anything else would fail on the worker.
 MAX_SEED = 2**64 - 1
+
+
+def check_stop(value: Any) -> Any:
+    """A ``stop`` value as sent (None, a string or a list of strings), or ``ValueError``: at
+    most ``MAX_STOP_STRINGS``, none empty, none longer than ``MAX_STOP_CHARS``. For a
+    ``mode="before"`` field validator; shared by every dialect that takes ``stop``."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ValueError("must be a string or a list of strings")
+    if len(items) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
+    if any(s == "" for s in items):
+        raise ValueError("stop strings must not be empty")
+    if any(len(s) > MAX_STOP_CHARS for s in items):
+        raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
+    return value
 
 
 class _Model(BaseModel):
@@ -146,18 +166,7 @@ class SamplingRequest(_Model):
     @field_validator("stop", mode="before")
     @classmethod
     def _check_stop(cls, value: Any) -> Any:
-        if value is None:
-            return None
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise ValueError("must be a string or a list of strings")
-        if len(items) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported")
-        if any(s == "" for s in items):
-            raise ValueError("stop strings must not be empty")
-        if any(len(s) > MAX_STOP_CHARS for s in items):
-            raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters long")
-        return value
+        return check_stop(value)
 
     # Overridden per endpoint: how logprobs are asked for differs.
     @property
@@ -325,10 +334,13 @@ _JSON_KINDS: dict[type, str] = {
     type(None): "null",
 }
 
-_R = TypeVar("_R", bound=SamplingRequest)
+_M = TypeVar("_M", bound=BaseModel)
 
 
-def _parse(model: type[_R], raw: bytes) -> _R:
+def parse_body(model: type[_M], raw: bytes) -> _M:
+    """A JSON object body validated against ``model``. Raises ``BadRequest`` (400) for an
+    empty body, invalid JSON, a body that is not an object, or a bad field (``param`` names
+    it); shared by every dialect."""
     if not raw.strip():
         raise BadRequest("Request body is empty: expected a JSON object.")
     try:
@@ -346,9 +358,9 @@ def _parse(model: type[_R], raw: bytes) -> _R:
 
 def parse_chat_request(raw: bytes) -> ChatCompletionRequest:
     """Parse and validate a chat body. Raises ``BadRequest`` (400) naming the bad field."""
-    return _parse(ChatCompletionRequest, raw)
+    return parse_body(ChatCompletionRequest, raw)
 
 
 def parse_completion_request(raw: bytes) -> CompletionRequest:
     """Parse and validate a completions body. Raises ``BadRequest`` (400) naming the bad field."""
-    return _parse(CompletionRequest, raw)
+    return parse_body(CompletionRequest, raw)

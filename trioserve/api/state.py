@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from quart import current_app
 
+from trioserve.api.dialects.responses.store import ResponseStore
 from trioserve.config import ServerConfig
 from trioserve.drain import Drain
 from trioserve.engine.scheduler import Engine
@@ -23,6 +24,7 @@ class AppState:
     metrics: Metrics
     chat_template: str | None = None  # the --chat-template text, read once at start-up
     vocab_size: int | None = None  # the model's embedding rows (config.json), if stated
+    responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses store
 
     @property
     def load_error(self) -> str | None:

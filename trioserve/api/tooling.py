@@ -26,8 +26,8 @@ from typing import Any
 
 import trio
 
+from trioserve.api.dialects.neutral import NeutralRequest
 from trioserve.api.errors import BadRequest
-from trioserve.api.schemas import ChatCompletionRequest
 from trioserve.engine.constraints import (
     Constraint,
     ConstraintError,
@@ -55,7 +55,7 @@ class ChatPlan:
     shaping: ShapingSpec | None
 
 
-def plan_chat(parsed: ChatCompletionRequest, tokenizer: Any, template: str | None) -> ChatPlan:
+def plan_chat(parsed: NeutralRequest, tokenizer: Any, template: str | None) -> ChatPlan:
     """The plan for one chat request; raises ``BadRequest`` for bad tools or formats.
 
     ``template`` is the ``--chat-template`` text, read once at start-up (None: the model's).

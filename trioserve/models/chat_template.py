@@ -38,9 +38,11 @@ def chat_prompt_tokens(
     return list(tokens)
 
 
-def completion_prompt_tokens(tokenizer: Any, prompt: str | list[int]) -> list[int]:
+def completion_prompt_tokens(
+    tokenizer: Any, prompt: str | list[int] | tuple[int, ...]
+) -> list[int]:
     """A raw completion prompt: text is encoded as is; token ids are passed through."""
-    if isinstance(prompt, list):
+    if not isinstance(prompt, str):
         return list(prompt)
     return list(tokenizer.encode(prompt, add_special_tokens=False))
 

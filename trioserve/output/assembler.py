@@ -1,63 +1,103 @@
-"""Engine events in, Chat/Completions output out: sans-IO, for streamed and whole answers.
+"""Engine events in, one wire dialect's output out: sans-IO, for streamed and whole answers.
 
-One ``Assembler`` per response. A streamed answer asks ``frames(event)`` for the SSE frames
-each event adds (``data:`` chunks, the opt-in ``prefill_progress`` events, ``[DONE]``); a whole
-answer calls ``add(event)`` for each and ``body(finished)`` at the end. Both share one account
-of the text, the tokens behind it and the content/reasoning/tool-call shaping, so the two
-paths cannot drift apart. No awaits, no sockets: tested with plain event lists.
+The pipeline is the same for every dialect::
+
+    engine events ─► Assembler ─► neutral pieces ─► Renderer (one per dialect) ─► frames | body
+
+The ``Assembler`` owns what is dialect-neutral: the content/reasoning/tool-call shaper, the
+prefill-progress phase (no progress after the first content), the one-terminal-frame rule,
+the text kept for the debug log. A ``Renderer`` turns neutral pieces into its wire format: SSE
+frames while streaming, one body for a whole answer. A whole answer is the same piece stream
+gathered (``add`` then ``body``), not a second code path. No awaits, no sockets.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from trioserve.engine.events import Event, Failed, Finished, PrefillProgress, TokenDelta
-from trioserve.output import sse
-from trioserve.output.chunks import ChunkBuilder, error_payload
-from trioserve.output.progress import PROGRESS_EVENT, ProgressReporter
-from trioserve.output.shaper import ShapingSpec, make_shaper, shape_text
+from trioserve.engine.events import Event, Failed, Finished, PrefillProgress, TokenDelta, Usage
+from trioserve.output.pieces import ContentPiece, Piece
+from trioserve.output.progress import ProgressReporter
+from trioserve.output.shaper import ShapingSpec, make_shaper
+
+
+class Renderer(Protocol):
+    """One response in one wire format. Streamed: ``opening`` first, then ``progress``*,
+    ``content_start`` once, ``pieces``*, and ``finish`` or ``error`` last. Whole: ``whole``."""
+
+    def opening(self) -> list[bytes]:
+        """Frames sent as soon as the stream starts (before queueing or prefill)."""
+        ...
+
+    def progress(self, fields: dict[str, Any]) -> bytes:
+        """One prefill-progress frame (``ProgressReporter.fields``)."""
+        ...
+
+    def content_start(self) -> list[bytes]:
+        """Frames before the first output (the prompt is read)."""
+        ...
+
+    def pieces(self, pieces: Sequence[Piece], deltas: Sequence[TokenDelta]) -> list[bytes]:
+        """Frames for output pieces; ``deltas`` are the tokens behind them (logprobs)."""
+        ...
+
+    def finish(self, reason: str, usage: Usage) -> list[bytes]:
+        """The closing frames of an answer (``reason``: stop, length or tool_calls)."""
+        ...
+
+    def error(self, message: str, code: str, error_type: str) -> list[bytes]:
+        """The closing frames of a stream that ends without an answer."""
+        ...
+
+    def whole(
+        self, pieces: Sequence[Piece], deltas: Sequence[TokenDelta], reason: str, usage: Usage
+    ) -> dict[str, Any]:
+        """The body of a whole (non-streamed) answer."""
+        ...
 
 
 class Assembler:
     def __init__(
         self,
-        builder: ChunkBuilder,
+        renderer: Renderer,
         *,
         shaping: ShapingSpec | None = None,
         logprobs: bool = False,
-        include_usage: bool = False,
         progress: bool = False,
     ) -> None:
-        self.builder = builder
+        self.renderer = renderer
         self.logprobs = logprobs
-        self.include_usage = include_usage
         self.progress = progress
         self.reporter: ProgressReporter | None = None  # set once the request is queued
         self.content_started = False  # no progress frame may follow the first content
-        self.ended = False  # a terminal frame ([DONE] after an answer or an error) was made
-        self._spec = shaping
+        self.ended = False  # a terminal frame was made
         self._shaper = make_shaper(shaping)
         self._deltas: list[TokenDelta] = []
-        self._pieces: list[str] = []
+        self._pieces: list[Piece] = []
+        self._text: list[str] = []
 
     @property
     def text(self) -> str:
         """Everything generated so far, as the engine sent it (before shaping)."""
-        return "".join(self._pieces)
+        return "".join(self._text)
 
     # -- streamed --------------------------------------------------------------------------
 
+    def opening(self) -> list[bytes]:
+        return self.renderer.opening()
+
     def frames(self, event: Event) -> list[bytes]:
-        """The SSE frames this event adds to the stream (a ``Failed`` adds none: the caller
+        """The frames this event adds to the stream (a ``Failed`` adds none: the caller
         reports the ending with ``error_frames``)."""
         if isinstance(event, PrefillProgress):
             if self.progress and not self.content_started and self.reporter is not None:
-                return [progress_frame(self.reporter.chunk(event.processed))]
+                return [self.renderer.progress(self.reporter.fields(event.processed))]
             return []
         if isinstance(event, TokenDelta):
-            return self._open_content() + self._token_frames(event)
+            return self._content_start() + self._token_frames(event)
         if isinstance(event, Finished):
-            return self._open_content() + self._finish_frames(event)
+            return self._content_start() + self._finish_frames(event)
         assert isinstance(event, Failed)
         return []
 
@@ -65,50 +105,42 @@ class Assembler:
         """A progress frame for the heartbeat, or None once content has started."""
         if not self.progress or self.content_started or self.reporter is None:
             return None
-        return progress_frame(self.reporter.chunk())
+        return self.renderer.progress(self.reporter.fields())
 
     def error_frames(
         self, message: str, code: str, error_type: str = "server_error"
     ) -> list[bytes]:
-        """Once the headers are out, an error travels as a ``data:`` error body, then
-        ``[DONE]``. Only one terminal frame per stream."""
+        """The end of a stream without an answer; only one terminal per stream."""
         if self.ended:
             return []
         self.ended = True
         self.content_started = True
-        return [sse.data(error_payload(message, error_type, code=code)), sse.DONE]
+        return self.renderer.error(message, code, error_type)
 
-    def _open_content(self) -> list[bytes]:
-        """Close the prefill phase once: a last progress event at 1.0, then the role chunk."""
+    def _content_start(self) -> list[bytes]:
+        """Close the prefill phase once: a last progress frame at 1.0, then the opening of
+        the output."""
         if self.content_started:
             return []
         self.content_started = True
         out = []
         if self.progress and self.reporter is not None and self.reporter.last_fraction < 1.0:
-            out.append(progress_frame(self.reporter.final_chunk()))
-        out.append(sse.data(self.builder.role_chunk()))
-        return out
+            out.append(self.renderer.progress(self.reporter.final()))
+        return out + self.renderer.content_start()
 
     def _token_frames(self, event: TokenDelta) -> list[bytes]:
-        self._pieces.append(event.text)
-        if self._shaper is not None:
-            shaped = self._shaper.feed(event.text)
-            chunks = self.builder.piece_chunks(shaped, (event,), self.logprobs)
-            return [sse.data(chunk) for chunk in chunks]
-        if event.text or self.logprobs:
-            return [sse.data(self.builder.content_chunk(event.text, (event,), self.logprobs))]
-        return []
+        pieces = self._shape(event)
+        if not pieces and not self.logprobs:
+            return []
+        return self.renderer.pieces(pieces, (event,))
 
     def _finish_frames(self, event: Finished) -> list[bytes]:
         out = []
-        reason = event.reason
-        if self._shaper is not None:  # what the shaper held back, then maybe "tool_calls"
-            out += [sse.data(chunk) for chunk in self.builder.piece_chunks(self._shaper.finish())]
-            reason = self._shaper.finish_reason(reason)
-        out.append(sse.data(self.builder.finish_chunk(reason)))
-        if self.include_usage:
-            out.append(sse.data(self.builder.usage_chunk(event.usage)))
-        out.append(sse.DONE)
+        if self._shaper is not None:  # what the shaper held back
+            held = self._shaper.finish()
+            if held:
+                out += self.renderer.pieces(held, ())
+        out += self.renderer.finish(self._reason(event), event.usage)
         self.ended = True
         return out
 
@@ -118,25 +150,25 @@ class Assembler:
         """Take one event of a whole (non-streamed) answer."""
         if isinstance(event, TokenDelta):
             self._deltas.append(event)
-            self._pieces.append(event.text)
+            self._pieces += self._shape(event)
 
     def body(self, finished: Finished) -> dict[str, Any]:
-        """The response body of a whole answer."""
-        builder, text, usage = self.builder, self.text, finished.usage
-        if self._spec is not None:  # split into content, reasoning and tool calls
-            message, reason = shape_text(self._spec, text, finished.reason)
-            return builder.chat_response(
-                message.content,
-                reason,
-                usage,
-                self._deltas,
-                self.logprobs,
-                tool_calls=message.tool_calls,
-                reasoning=message.reasoning,
-            )
-        make = builder.chat_response if builder.kind == "chat" else builder.completion_response
-        return make(text, finished.reason, usage, self._deltas, self.logprobs)
+        """The response body of a whole answer: the same pieces a stream would carry."""
+        if self._shaper is not None:
+            self._pieces += self._shaper.finish()
+        reason = self._reason(finished)
+        return self.renderer.whole(self._pieces, self._deltas, reason, finished.usage)
 
+    # -- shared -----------------------------------------------------------------------------
 
-def progress_frame(chunk: dict) -> bytes:
-    return sse.event(PROGRESS_EVENT, chunk)
+    def _shape(self, event: TokenDelta) -> list[Piece]:
+        self._text.append(event.text)
+        if self._shaper is not None:
+            return self._shaper.feed(event.text)
+        return [ContentPiece(event.text)] if event.text else []
+
+    def _reason(self, finished: Finished) -> str:
+        """The neutral finish reason: ``tool_calls`` when an answer ended by calling tools."""
+        if self._shaper is None:
+            return finished.reason
+        return self._shaper.finish_reason(finished.reason)

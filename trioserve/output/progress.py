@@ -1,8 +1,9 @@
 """Opt-in prefill progress: who asked for it, and what each progress event says.
 
 A client opts in with ``X-SwiftLM-Prefill-Progress`` (the name SwiftLM's clients already send)
-or ``X-Trioserve-Prefill-Progress``. Each event's data is a valid chunk with ``choices: []``,
-because strict clients parse every ``data:`` line as a chunk whatever the event name.
+or ``X-Trioserve-Prefill-Progress``. ``ProgressReporter`` says how far the prompt is, as
+dialect-neutral fields (SwiftLM's names); each dialect's renderer wraps them in a payload its
+strict clients survive (for Chat, a valid chunk with ``choices: []``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 
 from trioserve.config import truthy
 from trioserve.engine.scheduler import RequestHandle
-from trioserve.output.chunks import ChunkBuilder
 
 PROGRESS_HEADERS = ("X-SwiftLM-Prefill-Progress", "X-Trioserve-Prefill-Progress")
 PROGRESS_EVENT = "prefill_progress"
@@ -25,30 +25,31 @@ def wants_progress(headers: Mapping[str, str]) -> bool:
 
 
 class ProgressReporter:
-    """Builds progress chunks for one stream, with real wall-clock elapsed time."""
+    """Progress fields for one stream, with real wall-clock elapsed time."""
 
-    def __init__(self, builder: ChunkBuilder, handle: RequestHandle) -> None:
-        self._builder = builder
+    def __init__(self, handle: RequestHandle) -> None:
         self._handle = handle
         self._started = time.monotonic()
         self.last_fraction = 0.0
 
-    def final_chunk(self) -> dict[str, Any]:
+    def final(self) -> dict[str, Any]:
         """The whole prompt is processed: fraction 1.0."""
-        return self.chunk(self._handle.prompt_len)
+        return self.fields(self._handle.prompt_len)
 
-    def chunk(self, processed: int | None = None) -> dict[str, Any]:
+    def fields(self, processed: int | None = None) -> dict[str, Any]:
+        """``status`` (queued | processing), ``n_past``, ``n_prompt_tokens``, ``fraction``,
+        ``elapsed_seconds`` and, while queued, ``queue_position``."""
         handle = self._handle
         total = handle.prompt_len
         n_past = handle.prompt_processed if processed is None else processed
         fraction = min(1.0, n_past / total) if total else 1.0
         self.last_fraction = fraction
         position = handle.queue_position()
-        return self._builder.progress_chunk(
-            status="queued" if position is not None else "processing",
-            n_past=n_past,
-            n_prompt_tokens=total,
-            fraction=round(fraction, 4),
-            elapsed_seconds=round(time.monotonic() - self._started, 3),
-            queue_position=position,
-        )
+        return {
+            "status": "queued" if position is not None else "processing",
+            "n_past": n_past,
+            "n_prompt_tokens": total,
+            "fraction": round(fraction, 4),
+            "elapsed_seconds": round(time.monotonic() - self._started, 3),
+            "queue_position": position,
+        }

@@ -139,6 +139,7 @@ class _Writer:
         request_id = self.request.request_id
         try:
             async with self.send_channel:
+                await self._send_all(self.assembler.opening())
                 try:
                     ending = await run_generation(
                         self.engine,
@@ -168,7 +169,7 @@ class _Writer:
                     log.debug(
                         "request %s (%s) text: %r",
                         request_id,
-                        self.assembler.builder.id,
+                        getattr(self.assembler.renderer, "response_id", ""),
                         self.assembler.text,
                     )
         except ConsumerGone:
@@ -179,7 +180,7 @@ class _Writer:
             state.done.set()
 
     def _admitted(self, handle: RequestHandle, nursery: trio.Nursery, state: _State) -> None:
-        self.assembler.reporter = ProgressReporter(self.assembler.builder, handle)
+        self.assembler.reporter = ProgressReporter(handle)
         if self.assembler.progress:
             nursery.start_soon(
                 _heartbeat, self.assembler, self.options, state, self.send_channel.clone()
