@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+from trioserve.api.dialects.chat import chat_to_neutral
 from trioserve.api.errors import BadRequest
 from trioserve.api.schemas import parse_chat_request
 from trioserve.api.tooling import (
@@ -41,7 +42,7 @@ def tokenizer(model_dir):
 
 def plan(tokenizer, template=None, **body):
     parsed = parse_chat_request(json.dumps({"messages": MSG, **body}).encode())
-    return plan_chat(parsed, tokenizer, template)
+    return plan_chat(chat_to_neutral(parsed), tokenizer, template)
 
 
 def test_plain_request_has_no_plan_extras(tokenizer):
@@ -195,3 +196,14 @@ def test_tools_reach_a_template_that_cannot_render_them(tokenizer):
     assert "<|im_start|>user\n<tool_response>\nSunny\n</tool_response><|im_end|>" in text
     plain = tokenizer.decode(chat_prompt_tokens(tokenizer, MSG))
     assert "<tools>" not in plain and "SmolLM" in plain  # no tools: the template as it was
+
+
+def test_parallel_tool_calls_false_forces_exactly_one_call(tokenizer):
+    tools = [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "g", "parameters": {"type": "object"}}},
+    ]
+    several = plan(tokenizer, tools=tools, tool_choice="required")
+    one = plan(tokenizer, tools=tools, tool_choice="required", parallel_tool_calls=False)
+    assert "start: block+" in several.constraint.grammar()
+    assert "start: block\n" in one.constraint.grammar() + "\n"

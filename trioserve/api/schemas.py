@@ -236,6 +236,7 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
     @property

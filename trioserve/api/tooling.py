@@ -67,9 +67,11 @@ def plan_chat(parsed: NeutralRequest, tokenizer: Any, template: str | None) -> C
     constraint, param = None, None
     if mode in ("required", "named"):
         assert fmt is not None
-        constraint, param = _forced_call(fmt, use_tools, forced_name), "tool_choice"
+        several = forced_name is None and parsed.parallel_tool_calls
+        constraint, param = _forced_call(fmt, use_tools, forced_name, several), "tool_choice"
     elif parsed.response_format is not None:
-        constraint, param = response_constraint(parsed.response_format), "response_format"
+        param = parsed.format_param
+        constraint = response_constraint(parsed.response_format, param)
     reasoning = reasoning_format(tokenizer, template)
     shaping = None
     if fmt is not None or reasoning is not None:
@@ -158,7 +160,9 @@ def _tool_choice(choice: str | dict[str, Any] | None, tools: list[dict]) -> tupl
     return "named", name
 
 
-def _forced_call(fmt: ToolCallFormat, tools: list[dict], name: str | None) -> Constraint:
+def _forced_call(
+    fmt: ToolCallFormat, tools: list[dict], name: str | None, several: bool
+) -> Constraint:
     if fmt.parse is not None:
         raise BadRequest(
             f"tool_choice can force a call only for JSON tool calls; this model writes its "
@@ -170,10 +174,12 @@ def _forced_call(fmt: ToolCallFormat, tools: list[dict], name: str | None) -> Co
         for t in tools
         if name is None or t["function"]["name"] == name
     ]
-    return tool_call_constraint(calls, fmt.start, fmt.end, several=name is None)
+    return tool_call_constraint(calls, fmt.start, fmt.end, several=several)
 
 
-def response_constraint(response_format: dict[str, Any]) -> Constraint | None:
+def response_constraint(
+    response_format: dict[str, Any], param: str = "response_format"
+) -> Constraint | None:
     """``response_format`` as a grammar: None for text; 400 for anything unknown. Cheap: the
     schema is converted and compiled later, by ``build_constraint_processor``."""
     kind = response_format.get("type")
@@ -184,16 +190,16 @@ def response_constraint(response_format: dict[str, Any]) -> Constraint | None:
     if kind != "json_schema":
         raise BadRequest(
             f"response_format.type must be 'text', 'json_object' or 'json_schema', not {kind!r}.",
-            param="response_format",
+            param=param,
         )
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict):
-        raise BadRequest("response_format.json_schema must be an object.", param="response_format")
+        raise BadRequest("response_format.json_schema must be an object.", param=param)
     schema = spec.get("schema", {})
     if not isinstance(schema, dict):
         raise BadRequest(
             "response_format.json_schema.schema must be a JSON schema object.",
-            param="response_format",
+            param=param,
         )
     return json_schema_constraint(schema)
 

@@ -26,6 +26,7 @@ def chat_to_neutral(parsed: ChatCompletionRequest) -> NeutralRequest:
         tools=parsed.tools,
         tool_choice=parsed.tool_choice,
         response_format=parsed.response_format,
+        parallel_tool_calls=parsed.parallel_tool_calls is not False,
         **_sampling(parsed),
         prompt_param="messages",
     )

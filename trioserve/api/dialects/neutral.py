@@ -29,6 +29,8 @@ class NeutralRequest:
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    # False: a forced tool_choice ("required") yields exactly one call, not one or more.
+    parallel_tool_calls: bool = True
     max_tokens: int | None = None  # None: the server's default cap
     temperature: float | None = None  # None: the server's default
     top_p: float | None = None
@@ -40,8 +42,9 @@ class NeutralRequest:
     top_logprobs: int = 0
     stream: bool = False
     include_usage: bool = False  # Chat's stream_options.include_usage
-    # Where a prompt problem is reported (the dialect's own field name).
+    # Where a problem is reported: the dialect's own field names.
     prompt_param: str = "messages"
+    format_param: str = "response_format"
 
     @property
     def is_chat(self) -> bool:

@@ -116,6 +116,7 @@ def to_neutral(
         messages=tuple(messages),
         tools=tools or None,
         tool_choice=tool_choice,
+        parallel_tool_calls=req.parallel_tool_calls is not False,
         response_format=_response_format(req.text.format if req.text else None),
         max_tokens=req.max_output_tokens,
         temperature=req.temperature,
@@ -127,6 +128,7 @@ def to_neutral(
         stream=req.stream,
         include_usage=False,
         prompt_param="input",
+        format_param="text.format",
     )
     return MappedRequest(neutral, tuple(conversation), names)
 
