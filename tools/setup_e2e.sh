@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the pinned strict clients for tests/e2e (the OpenCode CLI and the Vercel AI SDK)
-# into tools/e2e/node_modules, from tools/e2e/package-lock.json with `npm ci`.
+# Installs the pinned strict clients for tests/e2e (the OpenCode CLI, the Codex CLI and the
+# Vercel AI SDK) into tools/e2e/node_modules, from tools/e2e/package-lock.json with `npm ci`.
 # Idempotent: nothing is done when the installed packages already match the lock file.
 # Needs Node >= 18 and npm; fails loudly without them.
 set -euo pipefail
@@ -19,9 +19,10 @@ if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0
     exit 1
 fi
 
-# The pinned opencode version, and whether node_modules (npm's own record of it,
+# The pinned opencode and codex versions, and whether node_modules (npm's own record of it,
 # node_modules/.package-lock.json) holds every locked package at its locked version.
 pinned=$(node -p 'require("./package-lock.json").packages["node_modules/opencode-ai"].version')
+codex_pinned=$(node -p 'require("./package-lock.json").packages["node_modules/@openai/codex"].version')
 installed_matches_lock() {
     [ -f node_modules/.package-lock.json ] || return 1
     node -e '
@@ -35,12 +36,23 @@ installed_matches_lock() {
 opencode_runs() {
     [ "$(node_modules/.bin/opencode --version 2>/dev/null)" = "$pinned" ]
 }
+# `codex --version` prints "codex-cli 0.171.0"; bin/codex.js runs the native binary from the
+# platform package (@openai/codex-linux-x64, an npm alias of @openai/codex@<version>-linux-x64).
+# Even --version writes into $CODEX_HOME (~/.codex by default): give it a throwaway one.
+codex_runs() {
+    local home version
+    home=$(mktemp -d)
+    version=$(CODEX_HOME="$home" node_modules/.bin/codex --version 2>/dev/null || true)
+    rm -rf "$home"
+    [ "$version" = "codex-cli $codex_pinned" ]
+}
 
-if installed_matches_lock && opencode_runs; then
-    echo "setup_e2e: tools/e2e/node_modules is up to date (opencode $pinned)" >&2
+if installed_matches_lock && opencode_runs && codex_runs; then
+    echo "setup_e2e: tools/e2e/node_modules is up to date (opencode $pinned, codex $codex_pinned)" >&2
     exit 0
 fi
-echo "setup_e2e: npm ci in tools/e2e (opencode-ai $pinned, ai, @ai-sdk/openai-compatible)" >&2
+echo "setup_e2e: npm ci in tools/e2e (opencode-ai $pinned, @openai/codex $codex_pinned, ai," \
+    "@ai-sdk/openai-compatible)" >&2
 start=$SECONDS
 npm ci --no-audit --no-fund --no-update-notifier --loglevel=error
 # opencode-ai's postinstall links the platform binary from its optional dependency. The lock
@@ -50,6 +62,13 @@ npm ci --no-audit --no-fund --no-update-notifier --loglevel=error
 if ! opencode_runs; then
     echo "setup_e2e: node_modules/.bin/opencode does not run as version $pinned after npm ci" \
         "(was its postinstall script skipped?)" >&2
+    exit 1
+fi
+# @openai/codex has no install script: its launcher finds the native binary in the platform
+# package, which the lock pins for every platform with its integrity.
+if ! codex_runs; then
+    echo "setup_e2e: node_modules/.bin/codex does not run as codex-cli $codex_pinned after npm ci" \
+        "(is @openai/codex-linux-x64 missing? it is an optional dependency)" >&2
     exit 1
 fi
 echo "setup_e2e: installed in $((SECONDS - start)) s" >&2

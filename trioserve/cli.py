@@ -122,6 +122,15 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "per slot); default: the model's context length",
     )
     p.add_argument(
+        "--default-temperature",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="temperature for requests that name none, 0-2; OpenAI's default is 1.0, and "
+        "agents that never send one (Codex CLI) answer more reliably from a small model at "
+        "0 (greedy) (default: %(default)s)",
+    )
+    p.add_argument(
         "--cors",
         nargs="+",
         default=[],
@@ -327,6 +336,7 @@ FLAGS = {
     "queue_timeout_s": "--queue-timeout",
     "send_timeout_s": "--send-timeout",
     "shutdown_grace_s": "--shutdown-grace",
+    "default_temperature": "--default-temperature",
     "responses_store_size": "--responses-store-size",
     "responses_store_ttl_s": "--responses-store-ttl",
 }
@@ -347,6 +357,7 @@ def _serve_config(args: argparse.Namespace, model_dir: Path | None = None):  # -
         prefill_step_size=args.prefill_step_size,
         solo_prefill_step_size=args.solo_prefill_step_size,
         max_tokens=args.max_tokens,
+        default_temperature=args.default_temperature,
         ctx_size=args.ctx_size,
         cors_origins=tuple(args.cors),
         allowed_hosts=tuple(args.allowed_hosts),
