@@ -220,6 +220,16 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "with an error; a second signal exits at once (default: %(default)s)",
     )
     p.add_argument(
+        "--model-alias",
+        dest="model_aliases",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="model names (shell patterns) that /v1/messages requests may ask for and get the "
+        "served model, e.g. --model-alias 'claude-*' for Claude Code; the answer's model is "
+        "the name asked for (default: only the served model's name)",
+    )
+    p.add_argument(
         "--responses-store-size",
         type=int,
         default=256,
@@ -337,6 +347,7 @@ FLAGS = {
     "send_timeout_s": "--send-timeout",
     "shutdown_grace_s": "--shutdown-grace",
     "default_temperature": "--default-temperature",
+    "model_aliases": "--model-alias",
     "responses_store_size": "--responses-store-size",
     "responses_store_ttl_s": "--responses-store-ttl",
 }
@@ -358,6 +369,7 @@ def _serve_config(args: argparse.Namespace, model_dir: Path | None = None):  # -
         solo_prefill_step_size=args.solo_prefill_step_size,
         max_tokens=args.max_tokens,
         default_temperature=args.default_temperature,
+        model_aliases=tuple(args.model_aliases),
         ctx_size=args.ctx_size,
         cors_origins=tuple(args.cors),
         allowed_hosts=tuple(args.allowed_hosts),

@@ -71,6 +71,9 @@ class ServerConfig:
     send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is dropped
     shutdown_grace_s: float = 10.0  # on SIGINT/SIGTERM, in-flight work gets this long
     debug_endpoints: bool = False  # /debug/state (task and thread counts) for stress tests
+    # Model names a /v1/messages request may ask for and get the served model (fnmatch
+    # patterns, e.g. "claude-*" for Claude Code); none: only the served name.
+    model_aliases: tuple[str, ...] = ()
     # /v1/responses with store: finished responses kept for previous_response_id and GET.
     responses_store_size: int = 256  # 0: keep none
     responses_store_ttl_s: float = 3600.0
@@ -154,7 +157,7 @@ def _validate(c: ServerConfig) -> None:
         raise ConfigError(
             "log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {c.log_level!r}"
         )
-    for name in ("cors_origins", "allowed_hosts"):
+    for name in ("cors_origins", "allowed_hosts", "model_aliases"):
         for item in getattr(c, name):
             if not item or item != item.strip() or any(ch.isspace() for ch in item):
                 raise ConfigError(name, f"must be names without spaces, got {item!r}")

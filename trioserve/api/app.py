@@ -19,6 +19,8 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from trioserve.api.debug import debug_routes
+from trioserve.api.dialects.messages.endpoint import PATH_PREFIX as MESSAGES_PREFIX
+from trioserve.api.dialects.messages.errors import anthropic_error_body, anthropic_status
 from trioserve.api.dialects.responses.store import ResponseStore
 from trioserve.api.errors import (
     ApiError,
@@ -137,7 +139,12 @@ async def _run_engine(state: AppState, on_failure: Callable[[str], None] | None)
 
 
 def _error_response(err: ApiError) -> Response:
-    response = Response(_json(err.body()), status=err.status, content_type="application/json")
+    """The error in the shape of the dialect the request was for: Anthropic's on its
+    endpoints, OpenAI's everywhere else."""
+    body, status = err.body(), err.status
+    if request.path.startswith(MESSAGES_PREFIX):
+        body, status = anthropic_error_body(err), anthropic_status(err)
+    response = Response(_json(body), status=status, content_type="application/json")
     for name, value in err.headers().items():
         response.headers[name] = value
     return response
@@ -211,14 +218,19 @@ def _install_auth_and_cors(app: QuartTrio, config: ServerConfig) -> None:
             return response
         public = request.path in PUBLIC_PATHS or (config.ui and is_ui_path(request.path))
         if config.api_key and not public:
+            # OpenAI clients send "Authorization: Bearer KEY", Anthropic's "x-api-key: KEY".
             given = request.headers.get("Authorization", "")
             scheme, _, token = given.partition(" ")
-            ok = scheme.lower() == "bearer" and hmac.compare_digest(
-                token.strip().encode(), config.api_key.encode()
+            bearer = token.strip() if scheme.lower() == "bearer" else None
+            anthropic_key = request.headers.get("x-api-key")
+            ok = any(
+                hmac.compare_digest(key.encode(), config.api_key.encode())
+                for key in (bearer, anthropic_key)
+                if key is not None
             )
             if not ok:
                 raise Unauthorized(
-                    "Missing API key." if not given else "Invalid API key.",
+                    "Missing API key." if not (given or anthropic_key) else "Invalid API key.",
                 )
         # Only on routes that exist: an unknown path or method stays a 404/405.
         if config.require_json_content_type and request.method == "POST" and request.url_rule:

@@ -2,7 +2,7 @@
 
 A dialect (``api/dialects/``) parses its body into a ``NeutralRequest`` and supplies a
 ``Renderer``; from there this is the same for all: templating, tool planning and grammar
-compilation in one worker thread (``_prepare``, never on the Trio thread, which serves every
+compilation in one worker thread (``prepare``, never on the Trio thread, which serves every
 stream at once), the context clamp, admission, the run against the engine
 (``streaming.session``), the stream (``streaming.stream``) or the whole body.
 """
@@ -71,7 +71,7 @@ async def handle_generation(
         raise ServiceUnavailable("The server is shutting down.")
     _admit(state)
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
-    prepared = await trio.to_thread.run_sync(_prepare, state, parsed, request_id)
+    prepared = await trio.to_thread.run_sync(prepare, state, parsed, request_id)
     gen = prepared.gen
     log.info(
         "request %s: %s, %d prompt tokens, max_tokens %d, stream=%s",
@@ -93,7 +93,7 @@ async def handle_generation(
     return await _complete(state, gen, assembler)
 
 
-def _prepare(state: AppState, parsed: NeutralRequest, request_id: str) -> _Prepared:
+def prepare(state: AppState, parsed: NeutralRequest, request_id: str) -> _Prepared:
     """Everything costly before generation: runs in a worker thread (not the MLX one)."""
     tokenizer = state.engine.tokenizer
     plan = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from quart import Blueprint, Response, request
 
 from trioserve.api.dialects.chat import ChunkRenderer, chat_to_neutral, completion_to_neutral
+from trioserve.api.dialects.messages import endpoint as messages
 from trioserve.api.dialects.responses import endpoint as responses
 from trioserve.api.generation import handle_generation
 from trioserve.api.schemas import parse_chat_request, parse_completion_request
@@ -40,6 +41,17 @@ async def responses_get(response_id: str):
 @routes.delete("/v1/responses/<response_id>")
 async def responses_delete(response_id: str):
     return responses.delete_response(app_state(), response_id)
+
+
+# Anthropic's clients add ?beta=true; the query string never changes routing.
+@routes.post("/v1/messages")
+async def messages_create():
+    return await messages.create_message(app_state(), await request.get_data(cache=False))
+
+
+@routes.post("/v1/messages/count_tokens")
+async def messages_count_tokens():
+    return await messages.count_tokens(app_state(), await request.get_data(cache=False))
 
 
 def _chunk_renderer(kind, neutral) -> ChunkRenderer:  # kind: "chat" | "completion"

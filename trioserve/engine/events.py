@@ -61,6 +61,7 @@ class Finished:
 
     reason: FinishReason
     usage: Usage
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ class StopStringFilter:
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         """Add text; return what is now safe to emit. After a match, returns "" forever."""
@@ -25,8 +26,9 @@ class StopStringFilter:
         if not self._stops:
             out, self._pending = self._pending, ""
             return out
-        cut = min((i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
+        if found:
+            cut, self.matched = min(found)
             self.stopped = True
             out, self._pending = self._pending[:cut], ""
             return out

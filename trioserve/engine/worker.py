@@ -433,7 +433,7 @@ class Worker:
         usage = Usage(
             prompt_tokens=seq.prompt_len, completion_tokens=completion, cached_tokens=seq.cached
         )
-        events.append((seq.ticket, Finished(reason, usage)))
+        events.append((seq.ticket, Finished(reason, usage, seq.stops.matched)))
         seq.ended = True
         if r.finish_reason is None:
             self._drop(seq, keep_cache=True)  # stopped by a stop string: still in the batch

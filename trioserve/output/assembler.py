@@ -26,12 +26,17 @@ class Renderer(Protocol):
     """One response in one wire format. Streamed: ``opening`` first, then ``progress``*,
     ``content_start`` once, ``pieces``*, and ``finish`` or ``error`` last. Whole: ``whole``."""
 
-    def opening(self) -> list[bytes]:
+    def opening(self, prompt_tokens: int) -> list[bytes]:
         """Frames sent as soon as the stream starts (before queueing or prefill)."""
         ...
 
     def progress(self, fields: dict[str, Any]) -> bytes:
         """One prefill-progress frame (``ProgressReporter.fields``)."""
+        ...
+
+    def keepalive(self) -> bytes | None:
+        """A frame every strict client of the dialect skips, sent by the heartbeat while the
+        prompt is read when no progress was asked for (Anthropic's ``ping``); None: none."""
         ...
 
     def content_start(self) -> list[bytes]:
@@ -42,8 +47,9 @@ class Renderer(Protocol):
         """Frames for output pieces; ``deltas`` are the tokens behind them (logprobs)."""
         ...
 
-    def finish(self, reason: str, usage: Usage) -> list[bytes]:
-        """The closing frames of an answer (``reason``: stop, length or tool_calls)."""
+    def finish(self, reason: str, usage: Usage, stop_sequence: str | None = None) -> list[bytes]:
+        """The closing frames of an answer (``reason``: stop, length or tool_calls;
+        ``stop_sequence``: the stop string that ended it, if one did)."""
         ...
 
     def error(self, message: str, code: str, error_type: str) -> list[bytes]:
@@ -51,7 +57,12 @@ class Renderer(Protocol):
         ...
 
     def whole(
-        self, pieces: Sequence[Piece], deltas: Sequence[TokenDelta], reason: str, usage: Usage
+        self,
+        pieces: Sequence[Piece],
+        deltas: Sequence[TokenDelta],
+        reason: str,
+        usage: Usage,
+        stop_sequence: str | None = None,
     ) -> dict[str, Any]:
         """The body of a whole (non-streamed) answer."""
         ...
@@ -84,8 +95,8 @@ class Assembler:
 
     # -- streamed --------------------------------------------------------------------------
 
-    def opening(self) -> list[bytes]:
-        return self.renderer.opening()
+    def opening(self, prompt_tokens: int) -> list[bytes]:
+        return self.renderer.opening(prompt_tokens)
 
     def frames(self, event: Event) -> list[bytes]:
         """The frames this event adds to the stream (a ``Failed`` adds none: the caller
@@ -101,11 +112,19 @@ class Assembler:
         assert isinstance(event, Failed)
         return []
 
+    @property
+    def wants_heartbeat(self) -> bool:
+        """Whether a heartbeat task should run: opt-in progress, or a dialect keepalive."""
+        return self.progress or self.renderer.keepalive() is not None
+
     def heartbeat_frame(self) -> bytes | None:
-        """A progress frame for the heartbeat, or None once content has started."""
-        if not self.progress or self.content_started or self.reporter is None:
+        """The heartbeat's frame (progress if asked for, else the dialect's keepalive), or
+        None once content has started."""
+        if self.content_started or self.reporter is None:
             return None
-        return self.renderer.progress(self.reporter.fields())
+        if self.progress:
+            return self.renderer.progress(self.reporter.fields())
+        return self.renderer.keepalive()
 
     def error_frames(
         self, message: str, code: str, error_type: str = "server_error"
@@ -140,7 +159,7 @@ class Assembler:
             held = self._shaper.finish()
             if held:
                 out += self.renderer.pieces(held, ())
-        out += self.renderer.finish(self._reason(event), event.usage)
+        out += self.renderer.finish(self._reason(event), event.usage, event.stop_sequence)
         self.ended = True
         return out
 
@@ -157,7 +176,9 @@ class Assembler:
         if self._shaper is not None:
             self._pieces += self._shaper.finish()
         reason = self._reason(finished)
-        return self.renderer.whole(self._pieces, self._deltas, reason, finished.usage)
+        return self.renderer.whole(
+            self._pieces, self._deltas, reason, finished.usage, finished.stop_sequence
+        )
 
     # -- shared -----------------------------------------------------------------------------
 

@@ -139,7 +139,7 @@ class _Writer:
         request_id = self.request.request_id
         try:
             async with self.send_channel:
-                await self._send_all(self.assembler.opening())
+                await self._send_all(self.assembler.opening(len(self.request.prompt_tokens)))
                 try:
                     ending = await run_generation(
                         self.engine,
@@ -181,7 +181,7 @@ class _Writer:
 
     def _admitted(self, handle: RequestHandle, nursery: trio.Nursery, state: _State) -> None:
         self.assembler.reporter = ProgressReporter(handle)
-        if self.assembler.progress:
+        if self.assembler.wants_heartbeat:
             nursery.start_soon(
                 _heartbeat, self.assembler, self.options, state, self.send_channel.clone()
             )

@@ -65,12 +65,15 @@ class ChunkRenderer:
     def response_id(self) -> str:
         return self.builder.id
 
-    def opening(self) -> list[bytes]:
+    def opening(self, prompt_tokens: int) -> list[bytes]:
         return []
 
     def progress(self, fields: dict[str, Any]) -> bytes:
         # A valid chunk (``choices: []``): strict clients read every data line as a chunk.
         return sse.event(PROGRESS_EVENT, self.builder.progress_chunk(**fields))
+
+    def keepalive(self) -> bytes | None:
+        return None  # strict clients of this dialect take no keepalive events
 
     def content_start(self) -> list[bytes]:
         return [sse.data(self.builder.role_chunk())]
@@ -82,7 +85,7 @@ class ChunkRenderer:
             return [sse.data(self.builder.content_chunk(text, deltas, logprobs))]
         return [sse.data(c) for c in self.builder.piece_chunks(pieces, deltas, logprobs)]
 
-    def finish(self, reason: str, usage: Usage) -> list[bytes]:
+    def finish(self, reason: str, usage: Usage, stop_sequence: str | None = None) -> list[bytes]:
         out = [sse.data(self.builder.finish_chunk(reason))]
         if self.include_usage:
             out.append(sse.data(self.builder.usage_chunk(usage)))
@@ -92,7 +95,12 @@ class ChunkRenderer:
         return [sse.data(error_payload(message, error_type, code=code)), sse.DONE]
 
     def whole(
-        self, pieces: Sequence[Piece], deltas: Sequence[TokenDelta], reason: str, usage: Usage
+        self,
+        pieces: Sequence[Piece],
+        deltas: Sequence[TokenDelta],
+        reason: str,
+        usage: Usage,
+        stop_sequence: str | None = None,
     ) -> dict[str, Any]:
         message = ShapedMessage()
         message.add(list(pieces))

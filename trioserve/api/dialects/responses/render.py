@@ -63,7 +63,7 @@ class ResponsesRenderer:
 
     # -- the Renderer protocol ------------------------------------------------------------
 
-    def opening(self) -> list[bytes]:
+    def opening(self, prompt_tokens: int = 0) -> list[bytes]:
         snapshot = self._response("in_progress")
         return [
             self._event("response.created", response=snapshot),
@@ -75,6 +75,9 @@ class ResponsesRenderer:
         # self-describing object with the progress fields, like every other event's.
         body = {k: v for k, v in fields.items() if v is not None}
         return self._event(PROGRESS_EVENT, response_id=self.response_id, **body)
+
+    def keepalive(self) -> bytes | None:
+        return None  # strict clients of this dialect take no keepalive events
 
     def content_start(self) -> list[bytes]:
         return []
@@ -94,7 +97,7 @@ class ResponsesRenderer:
                 out += self._call_arguments(piece)
         return out
 
-    def finish(self, reason: str, usage: Usage) -> list[bytes]:
+    def finish(self, reason: str, usage: Usage, stop_sequence: str | None = None) -> list[bytes]:
         out = self._close_open()
         if reason == "length":
             status, details, kind = "incomplete", {"reason": "max_output_tokens"}, "incomplete"
@@ -116,7 +119,12 @@ class ResponsesRenderer:
         ]
 
     def whole(
-        self, pieces: Sequence[Piece], deltas: Sequence[TokenDelta], reason: str, usage: Usage
+        self,
+        pieces: Sequence[Piece],
+        deltas: Sequence[TokenDelta],
+        reason: str,
+        usage: Usage,
+        stop_sequence: str | None = None,
     ) -> dict[str, Any]:
         self.pieces(pieces, ())
         self._reasoning_tokens = _reasoning_tokens(pieces, deltas)
