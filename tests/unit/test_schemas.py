@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from trioserve.api.dialects.chat import chat_to_neutral, completion_to_neutral
 from trioserve.api.errors import BadRequest
 from trioserve.api.schemas import (
     MAX_SEED,
@@ -128,11 +129,17 @@ def test_template_dicts():
     ]
 
 
+def _max_tokens(parsed, default_cap: int) -> int:
+    return (
+        chat_to_neutral(parsed).generation_request((1,), default_max_tokens=default_cap).max_tokens
+    )
+
+
 def test_max_tokens():
-    assert chat().max_new_tokens(512) == 512
-    assert chat(max_tokens=10).max_new_tokens(512) == 10
-    assert chat(max_tokens=10_000).max_new_tokens(512) == 10_000  # context checked elsewhere
-    assert chat(max_tokens=10, max_completion_tokens=20).max_new_tokens(512) == 20
+    assert _max_tokens(chat(), 512) == 512
+    assert _max_tokens(chat(max_tokens=10), 512) == 10
+    assert _max_tokens(chat(max_tokens=10_000), 512) == 10_000  # context checked elsewhere
+    assert _max_tokens(chat(max_tokens=10, max_completion_tokens=20), 512) == 20
 
 
 def test_stop_strings():
@@ -142,20 +149,25 @@ def test_stop_strings():
 
 
 def test_sampling_defaults():
-    assert chat().sampling_params() == SamplingParams(temperature=1.0, top_p=1.0)
-    assert chat().sampling_params(default_temperature=0.0).temperature == 0.0
-    assert chat(temperature=0).sampling_params(default_temperature=0.7).temperature == 0.0
+    assert chat_to_neutral(chat()).sampling_params() == SamplingParams(temperature=1.0, top_p=1.0)
+    assert chat_to_neutral(chat()).sampling_params(default_temperature=0.0).temperature == 0.0
+    assert (
+        chat_to_neutral(chat(temperature=0)).sampling_params(default_temperature=0.7).temperature
+        == 0.0
+    )
 
 
 def test_sampling_values():
-    p = chat(
-        temperature=0.5,
-        top_p=0.9,
-        seed=7,
-        presence_penalty=1,
-        frequency_penalty=-1,
-        logprobs=True,
-        top_logprobs=3,
+    p = chat_to_neutral(
+        chat(
+            temperature=0.5,
+            top_p=0.9,
+            seed=7,
+            presence_penalty=1,
+            frequency_penalty=-1,
+            logprobs=True,
+            top_logprobs=3,
+        )
     ).sampling_params()
     assert p == SamplingParams(0.5, 0.9, 7, 1.0, -1.0, logprobs=True, top_logprobs=3)
 
@@ -172,7 +184,7 @@ def test_include_usage():
 
 
 def test_generation_request():
-    req = chat(max_tokens=5, stop="\n", temperature=0).generation_request(
+    req = chat_to_neutral(chat(max_tokens=5, stop="\n", temperature=0)).generation_request(
         (1, 2, 3), default_max_tokens=100, request_id="r1"
     )
     assert req == GenerationRequest(
@@ -240,7 +252,8 @@ def test_unsupported_field_error_is_openai_shaped():
 def test_completion_logprobs_and_neutral_extras():
     req = completion(prompt="x", logprobs=0, echo=False, suffix="", best_of=1, logit_bias={})
     assert (req.want_logprobs, req.top_logprobs_count) == (True, 0)
-    assert completion(prompt="x", logprobs=3).sampling_params().top_logprobs == 3
+    neutral = completion_to_neutral(completion(prompt="x", logprobs=3))
+    assert neutral.sampling_params().top_logprobs == 3
     assert completion(prompt="x").want_logprobs is False
     assert completion(prompt="x", echo=None, suffix=None, best_of=None).prompt == "x"
 
@@ -253,4 +266,4 @@ def test_seed_range_is_what_mlx_accepts():
     for outside in (-1, MAX_SEED + 1):
         with pytest.raises((TypeError, OverflowError, ValueError)):
             mx.random.key(outside)
-    assert chat(seed=MAX_SEED).sampling_params().seed == MAX_SEED
+    assert chat_to_neutral(chat(seed=MAX_SEED)).sampling_params().seed == MAX_SEED

@@ -19,7 +19,6 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from trioserve.api.errors import BadRequest, from_validation_error
-from trioserve.engine.params import GenerationRequest, SamplingParams
 
 __all__ = [
     "MAX_SEED",
@@ -185,46 +184,10 @@ class SamplingRequest(_Model):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def max_new_tokens(self, default_cap: int) -> int:
-        """The request's limit as given (context limits are checked elsewhere), else the cap."""
-        requested = self.requested_max_tokens()
-        return default_cap if requested is None else requested
-
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-    def sampling_params(self, default_temperature: float = 1.0) -> SamplingParams:
-        """Engine sampling parameters; ``default_temperature`` applies when none is given
-        (OpenAI's default is 1.0; mlx-lm's server uses 0.0)."""
-        return SamplingParams(
-            temperature=default_temperature if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            seed=self.seed,
-            presence_penalty=self.presence_penalty or 0.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            logprobs=self.want_logprobs,
-            top_logprobs=self.top_logprobs_count,
-        )
-
-    def generation_request(
-        self,
-        prompt_tokens: tuple[int, ...],
-        *,
-        default_max_tokens: int,
-        default_temperature: float = 1.0,
-        request_id: str = "",
-    ) -> GenerationRequest:
-        """Everything the engine needs, once the prompt is templated and tokenized."""
-        return GenerationRequest(
-            prompt_tokens=tuple(prompt_tokens),
-            max_tokens=self.max_new_tokens(default_max_tokens),
-            stop=self.stop_strings(),
-            sampling=self.sampling_params(default_temperature),
-            request_id=request_id,
-            continues_prompt=isinstance(self, CompletionRequest),
-        )
 
 
 class ChatCompletionRequest(SamplingRequest):
