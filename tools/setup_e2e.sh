@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the pinned strict clients for tests/e2e (the OpenCode CLI, the Codex CLI and the
-# Vercel AI SDK) into tools/e2e/node_modules, from tools/e2e/package-lock.json with `npm ci`.
+# Installs the pinned strict clients for tests/e2e (the OpenCode CLI, the Codex CLI, the Claude
+# Code CLI and the Vercel AI SDK) into tools/e2e/node_modules, from tools/e2e/package-lock.json
+# with `npm ci`.
 # Idempotent: nothing is done when the installed packages already match the lock file.
 # Needs Node >= 18 and npm; fails loudly without them.
 set -euo pipefail
@@ -19,10 +20,11 @@ if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 18 ? 0
     exit 1
 fi
 
-# The pinned opencode and codex versions, and whether node_modules (npm's own record of it,
-# node_modules/.package-lock.json) holds every locked package at its locked version.
+# The pinned opencode, codex and claude versions, and whether node_modules (npm's own record of
+# it, node_modules/.package-lock.json) holds every locked package at its locked version.
 pinned=$(node -p 'require("./package-lock.json").packages["node_modules/opencode-ai"].version')
 codex_pinned=$(node -p 'require("./package-lock.json").packages["node_modules/@openai/codex"].version')
+claude_pinned=$(node -p 'require("./package-lock.json").packages["node_modules/@anthropic-ai/claude-code"].version')
 installed_matches_lock() {
     [ -f node_modules/.package-lock.json ] || return 1
     node -e '
@@ -46,13 +48,26 @@ codex_runs() {
     rm -rf "$home"
     [ "$version" = "codex-cli $codex_pinned" ]
 }
+# `claude --version` prints "2.1.328 (Claude Code)". bin/claude.exe is a stub until the
+# package's postinstall (install.cjs) links the native binary of the platform package
+# (@anthropic-ai/claude-code-linux-x64, an optional dependency) over it; the binary needs no
+# Node at run time. A throwaway HOME, as for every run: Claude Code keeps its state there.
+claude_runs() {
+    local home version
+    home=$(mktemp -d)
+    version=$(env -i PATH="$PATH" HOME="$home" CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 \
+        node_modules/.bin/claude --version 2>/dev/null || true)
+    rm -rf "$home"
+    [ "$version" = "$claude_pinned (Claude Code)" ]
+}
 
-if installed_matches_lock && opencode_runs && codex_runs; then
-    echo "setup_e2e: tools/e2e/node_modules is up to date (opencode $pinned, codex $codex_pinned)" >&2
+if installed_matches_lock && opencode_runs && codex_runs && claude_runs; then
+    echo "setup_e2e: tools/e2e/node_modules is up to date (opencode $pinned, codex $codex_pinned," \
+        "claude $claude_pinned)" >&2
     exit 0
 fi
-echo "setup_e2e: npm ci in tools/e2e (opencode-ai $pinned, @openai/codex $codex_pinned, ai," \
-    "@ai-sdk/openai-compatible)" >&2
+echo "setup_e2e: npm ci in tools/e2e (opencode-ai $pinned, @openai/codex $codex_pinned," \
+    "@anthropic-ai/claude-code $claude_pinned, ai, @ai-sdk/openai-compatible)" >&2
 start=$SECONDS
 npm ci --no-audit --no-fund --no-update-notifier --loglevel=error
 # opencode-ai's postinstall links the platform binary from its optional dependency. The lock
@@ -69,6 +84,14 @@ fi
 if ! codex_runs; then
     echo "setup_e2e: node_modules/.bin/codex does not run as codex-cli $codex_pinned after npm ci" \
         "(is @openai/codex-linux-x64 missing? it is an optional dependency)" >&2
+    exit 1
+fi
+# @anthropic-ai/claude-code's postinstall puts the native binary in place of its bin stub; the
+# lock pins every platform package with its integrity.
+if ! claude_runs; then
+    echo "setup_e2e: node_modules/.bin/claude does not run as $claude_pinned (Claude Code) after" \
+        "npm ci (was its postinstall script skipped, or is the optional dependency" \
+        "@anthropic-ai/claude-code-linux-x64 missing?)" >&2
     exit 1
 fi
 echo "setup_e2e: installed in $((SECONDS - start)) s" >&2
