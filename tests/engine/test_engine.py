@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 
 import trio
@@ -226,18 +228,22 @@ VERY_LONG_PROMPT = "Summarize this text. " + " ".join(
 
 
 class _PausesInItsSecondChunk(Worker):
-    """The real worker, but in the second prefill chunk it waits at a layer checkpoint
-    (at most 30 s) until a command arrives: the test's cancel then lands mid-chunk on any
-    machine, however fast or busy, instead of racing the chunk."""
+    """The real worker, but in the second prefill chunk it stops at a layer checkpoint
+    (at most 30 s), says so through ``paused``, and waits until a command arrives. The test
+    sends its cancel only once ``paused`` is set, so the cancel lands mid-chunk on any
+    machine, however fast or busy: it can neither race the chunk nor reach the worker
+    between two steps (where it would be a plain drop, not a cut)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, paused: threading.Event, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._checkpoints = 0
+        self._paused = paused
 
     def _prefill_checkpoint(self) -> None:
         self._checkpoints += 1
         per_chunk = len(self._model.layers) - 1  # a gate between every two layers
         if self._checkpoints == per_chunk + 2:  # two layers into the second chunk
+            self._paused.set()
             deadline = time.monotonic() + 30
             while self.commands.empty() and time.monotonic() < deadline:
                 time.sleep(0.005)
@@ -245,14 +251,27 @@ class _PausesInItsSecondChunk(Worker):
 
 
 async def test_cancel_mid_prefill_cuts_the_chunk_between_layers(open_engine):
-    # Alone, the prompt is read in 400-token chunks. The first progress event arrives once
-    # the first chunk is done; the worker holds the second chunk until the cancel is in.
+    # Alone, the prompt is read in 400-token chunks. The worker stops two layers into the
+    # second chunk and waits there; the cancel goes in once it is waiting.
+    paused = threading.Event()
+    factory = functools.partial(_PausesInItsSecondChunk, paused=paused)
     async with open_engine(
-        parallel=1, solo_prefill_step_size=400, worker_factory=_PausesInItsSecondChunk
+        parallel=1, solo_prefill_step_size=400, worker_factory=factory
     ) as engine:
         request = chat_request(engine, VERY_LONG_PROMPT, max_tokens=20)
         assert len(request.prompt_tokens) > 800
-        steps = await _cancel_after(engine, request, lambda e: isinstance(e, PrefillProgress))
+        with trio.CancelScope() as scope:
+            with engine.admit(request) as handle:
+                await handle.start()
+                async for event in handle.events():
+                    assert not isinstance(event, Finished | Failed), "finished before the cancel"
+                    if isinstance(event, PrefillProgress):
+                        break
+                assert await trio.to_thread.run_sync(paused.wait, 30), "never paused"
+                steps = engine.stats().worker.steps
+                scope.cancel()
+                await trio.lowlevel.checkpoint()  # the cancel lands here, inside the block
+        assert scope.cancelled_caught
         await _assert_released_within_one_step(engine, steps)
         assert engine.stats().worker.prefill_cuts == 1
         assert engine.stats().worker.failures == 0
