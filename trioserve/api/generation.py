@@ -199,7 +199,9 @@ async def _complete(
     )
     if ending.finished is None:
         raise _as_api_error(ending)
-    log.debug("request %s (%s) text: %r", gen.request_id, _response_id(assembler), assembler.text)
+    log.debug(
+        "request %s (%s) text: %r", gen.request_id, assembler.renderer.response_id, assembler.text
+    )
     return assembler.body(ending.finished), 200
 
 
@@ -211,7 +213,3 @@ def _as_api_error(ending: Ending) -> ApiError:
             ending.message, code=ending.code, retry_after_s=ending.retry_after_s
         )
     return ApiError(ending.message, code=ending.code)
-
-
-def _response_id(assembler: Assembler) -> str:
-    return getattr(assembler.renderer, "response_id", "")

@@ -26,6 +26,9 @@ class Renderer(Protocol):
     """One response in one wire format. Streamed: ``opening`` first, then ``progress``*,
     ``content_start`` once, ``pieces``*, and ``finish`` or ``error`` last. Whole: ``whole``."""
 
+    #: The id the client sees (chatcmpl-…, resp_…, msg_…); logs name the answer by it.
+    response_id: str
+
     def opening(self, prompt_tokens: int) -> list[bytes]:
         """Frames sent as soon as the stream starts (before queueing or prefill)."""
         ...

@@ -169,7 +169,7 @@ class _Writer:
                     log.debug(
                         "request %s (%s) text: %r",
                         request_id,
-                        getattr(self.assembler.renderer, "response_id", ""),
+                        self.assembler.renderer.response_id,
                         self.assembler.text,
                     )
         except ConsumerGone:

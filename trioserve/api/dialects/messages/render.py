@@ -18,6 +18,7 @@ from typing import Any
 
 from trioserve.api.dialects.messages.errors import stream_error_body
 from trioserve.engine.events import TokenDelta, Usage
+from trioserve.output import sse
 from trioserve.output.pieces import (
     ContentPiece,
     Piece,
@@ -96,7 +97,7 @@ class MessagesRenderer:
 
     def error(self, message: str, code: str, error_type: str) -> list[bytes]:
         body = stream_error_body(message, code, error_type)
-        return [*self._close_open(), self._frame("error", body)]
+        return [*self._close_open(), sse.event("error", body)]
 
     def whole(
         self,
@@ -190,12 +191,7 @@ class MessagesRenderer:
         }
 
     def _event(self, kind: str, **fields: Any) -> bytes:
-        return self._frame(kind, {"type": kind, **fields})
-
-    @staticmethod
-    def _frame(kind: str, payload: dict[str, Any]) -> bytes:
-        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        return f"event: {kind}\ndata: {data}\n\n".encode()
+        return sse.event(kind, {"type": kind, **fields})
 
 
 def _usage(usage: Usage) -> dict[str, Any]:

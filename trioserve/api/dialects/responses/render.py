@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from trioserve.engine.events import TokenDelta, Usage
+from trioserve.output import sse
 from trioserve.output.pieces import (
     ContentPiece,
     Piece,
@@ -263,8 +264,7 @@ class ResponsesRenderer:
     def _event(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self._seq, **fields}
         self._seq += 1
-        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-        return f"event: {kind}\ndata: {data}\n\n".encode()
+        return sse.event(kind, payload)
 
     def _response(
         self,
