@@ -19,9 +19,9 @@ _DEADLINE = pytest.StashKey[float]()
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from trioserve.models.registry import resolve_model
+    from trioserve.models import resolve
 
-    return resolve_model(None)
+    return resolve(None).path
 
 
 # pytest-timeout (the `timeout` in pyproject.toml) ends a hung test with SIGALRM, raised

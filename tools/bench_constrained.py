@@ -26,9 +26,9 @@ from trioserve.engine.constraints import (
 from trioserve.engine.events import Finished, TokenDelta
 from trioserve.engine.params import GenerationRequest, SamplingParams
 from trioserve.engine.scheduler import Engine, EngineConfig
+from trioserve.models import resolve
 from trioserve.models.chat_template import chat_prompt_tokens
 from trioserve.models.loading import load_model
-from trioserve.models.registry import resolve_model
 
 # Long enough that neither run stops early: up to 12 strings of up to 40 characters.
 SCHEMA = {
@@ -97,7 +97,7 @@ def mask_cost_ms(engine: Engine, constraint: Constraint, calls: int = 200) -> fl
 
 
 async def main(args: argparse.Namespace) -> None:
-    model_dir = Path(args.model) if args.model else resolve_model(None)
+    model_dir = Path(args.model) if args.model else resolve(None).path
     engine = Engine(EngineConfig(load=lambda: load_model(model_dir), parallel=max(args.streams)))
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.run)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trioserve import __version__
+from trioserve.config import DTYPES
 
 DESCRIPTION = """\
 A local, OpenAI-compatible LLM server on Trio and MLX.
@@ -19,6 +20,24 @@ Point any OpenAI client at http://127.0.0.1:8080/v1 (no API key needed unless --
 """
 
 COMMANDS = {"serve", "generate", "convert", "prepare"}
+
+DTYPE_HELP = (
+    "auto (default) is float32 on the CPU, where MLX's quantized kernels are slower, and "
+    "quantized on a GPU; quantized keeps Q4_0/Q4_1/Q8_0 tensors 4- or 8-bit (MLX's affine "
+    "group-32 format) and expands the other quantizations"
+)
+
+MODEL_HELP = (
+    "the model to serve, in one of four forms: a local mlx-lm directory "
+    "(./Qwen3-4B-4bit); a Hugging Face repo id, optionally @revision "
+    "(mlx-community/Qwen3-4B-4bit, owner/name@main), from huggingface_hub's cache or "
+    "downloaded into it (HF_HOME, HF_HUB_OFFLINE and HF_TOKEN apply); a .gguf file "
+    "(./model.Q4_0.gguf), converted on first use into the cache "
+    "($XDG_CACHE_HOME/trioserve/models); or a model Ollama has pulled "
+    "(ollama:qwen2.5-coder:1.5b, from $OLLAMA_MODELS or ~/.ollama/models), converted "
+    "likewise. An existing path wins over the other readings. "
+    "Default: the embedded SmolLM2-135M-Instruct"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,29 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser(
         "convert", help="convert a llama-architecture GGUF file into an mlx-lm model directory"
     )
-    conv.add_argument("gguf", help="the .gguf file (Q4_0, Q4_1, Q8_0, F16 or F32 tensors)")
+    conv.add_argument(
+        "gguf",
+        help="the .gguf file: llama, qwen2, qwen3, gemma3 or phi3, any quantization "
+        "(Q4_K_M, Q8_0, IQ4_XS, F16, ...)",
+    )
     conv.add_argument("out_dir", help="the directory to create; must not exist yet")
-    conv.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    conv.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
 
-    prep = sub.add_parser("prepare", help="convert the embedded model into the cache, then exit")
-    prep.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    prep = sub.add_parser(
+        "prepare",
+        help="resolve --model (download or convert it into the cache), print its mlx-lm "
+        "directory, then exit; the embedded model without --model",
+    )
+    _add_model_args(prep)
     return parser
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        type=Path,
         default=None,
-        help="an mlx-lm model directory (config.json, *.safetensors, tokenizer); "
-        "default: the embedded SmolLM2-135M-Instruct",
+        metavar="MODEL",
+        help=MODEL_HELP,
     )
     p.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "float16", "bfloat16"],
-        help="weights' dtype for the embedded model; float32 is fastest on CPUs "
-        "(default: %(default)s)",
+        default="auto",
+        choices=DTYPES,
+        help="weights' dtype when a GGUF (the embedded model, a .gguf file, an Ollama model) "
+        f"is converted: {DTYPE_HELP}",
     )
 
 
@@ -220,6 +246,13 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "with an error; a second signal exits at once (default: %(default)s)",
     )
     p.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model's name in /v1/models and in answers (default: the repo id, Ollama "
+        "name, file stem or directory name of --model)",
+    )
+    p.add_argument(
         "--model-alias",
         dest="model_aliases",
         nargs="+",
@@ -281,33 +314,50 @@ def main(argv: list[str] | None = None, *, worker_factory: Any = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "convert":
-        from trioserve.models.gguf import run_convert_cli
+        from trioserve.models.gguf import concrete_dtype, run_convert_cli
 
-        return run_convert_cli(args.gguf, args.out_dir, args.dtype)
+        return run_convert_cli(args.gguf, args.out_dir, concrete_dtype(args.dtype))
     try:
-        model_dir = _resolve(args)
+        resolved = _resolve(args)
         if getattr(args, "chat_template", None) is not None:  # fail now, not per request
             from trioserve.models.chat_template import read_chat_template
 
             read_chat_template(args.chat_template)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
     except Exception as exc:  # one line, no traceback, for every model problem
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.command == "prepare":
-        print(model_dir)
+        print(resolved.path)
         return 0
     if args.command == "generate":
-        return _run_generate(args, model_dir)
+        return _run_generate(args, resolved.path)
+    from dataclasses import replace
+
     from trioserve.server import run_server
 
     assert config is not None
+    # Resolved once, here: the server loads the directory and serves it under its name
+    # (a Hub repo id, an Ollama name) without asking the Hub again.
+    config = replace(
+        config,
+        model=resolved.path,
+        served_model_name=config.served_model_name or resolved.name,
+    )
     return run_server(config, worker_factory=worker_factory)
 
 
-def _resolve(args: argparse.Namespace) -> Path:
-    from trioserve.models.registry import resolve_model
+def _progress(message: str) -> None:
+    """Conversion steps on stderr, so a first start that takes long says why."""
+    print(message, file=sys.stderr, flush=True)
 
-    return resolve_model(getattr(args, "model", None), dtype=args.dtype)
+
+def _resolve(args: argparse.Namespace):  # -> ResolvedModel
+    from trioserve.models.sources import resolve
+
+    return resolve(getattr(args, "model", None), dtype=args.dtype, progress=_progress)
 
 
 def _run_generate(args: argparse.Namespace, model_dir: Path) -> int:
@@ -348,6 +398,7 @@ FLAGS = {
     "shutdown_grace_s": "--shutdown-grace",
     "default_temperature": "--default-temperature",
     "model_aliases": "--model-alias",
+    "served_model_name": "--served-model-name",
     "responses_store_size": "--responses-store-size",
     "responses_store_ttl_s": "--responses-store-ttl",
 }
@@ -370,6 +421,7 @@ def _serve_config(args: argparse.Namespace, model_dir: Path | None = None):  # -
         max_tokens=args.max_tokens,
         default_temperature=args.default_temperature,
         model_aliases=tuple(args.model_aliases),
+        served_model_name=args.served_model_name,
         ctx_size=args.ctx_size,
         cors_origins=tuple(args.cors),
         allowed_hosts=tuple(args.allowed_hosts),

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-DTYPES = ("float32", "float16", "bfloat16")
+# "auto": float32 on the CPU, "quantized" (kept 4/8-bit where MLX has the kernels) on a GPU.
+DTYPES = ("auto", "float32", "float16", "bfloat16", "quantized")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # The smallest --ctx-size: a chat template's own markup takes a dozen tokens, so anything
 # below this could not hold a one-word question and its answer.
@@ -41,8 +42,10 @@ class ServerConfig:
     ``hypercorn 'trioserve.app:create_app()'`` launch, a ``TRIOSERVE_*`` environment variable.
     """
 
-    model: Path | None = None  # None: the embedded SmolLM2-135M-Instruct
-    dtype: str = "float32"
+    # A `--model` value (a directory, a Hub repo id, ollama:NAME, a .gguf file; see
+    # trioserve/models/sources/); None: the embedded SmolLM2-135M-Instruct.
+    model: str | Path | None = None
+    dtype: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8080
     parallel: int = 8
@@ -181,6 +184,8 @@ def _check_type(name: str, kind: str, value: object) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind.startswith("float"):
         ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif kind.startswith("str | Path"):
+        ok = isinstance(value, str | Path)
     elif kind.startswith("str"):
         ok = isinstance(value, str)
     else:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import trioserve  # noqa: F401  (first: binds MLX to OpenBLAS before anything imports mlx)
-from trioserve.models import default_gguf_path, load_model, resolve_model
+from trioserve.models import default_gguf_path, load_model, resolve
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +18,7 @@ def gguf_path() -> Path:
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The default model from the user's cache (converted on the first run only)."""
-    return resolve_model(None)
+    return resolve(None).path
 
 
 @pytest.fixture(scope="session")
@@ -28,12 +28,9 @@ def loaded_model(model_dir: Path):
 
 @pytest.fixture(scope="session")
 def gguf_metadata(gguf_path: Path) -> dict:
-    import mlx.core as mx
+    from trioserve.models.gguf import read_metadata
 
-    from trioserve.models.gguf import _plain
-
-    _, metadata = mx.load(str(gguf_path), return_metadata=True)
-    return {k: _plain(v) for k, v in metadata.items()}
+    return read_metadata(gguf_path)
 
 
 @pytest.fixture(scope="session")

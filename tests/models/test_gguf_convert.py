@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from trioserve.models import ConversionError, OutputExistsError, convert_gguf, load_model
-from trioserve.models import gguf as gguf_module
 from trioserve.models.gguf import COMPLETE_MARKER, run_convert_cli
+from trioserve.models.gguf import convert as gguf_module
 
 
 def assert_clean(parent: Path, out_dir: Path) -> None:
@@ -111,13 +111,11 @@ def test_unsupported_tensor_type(tmp_path):
 
 
 def test_full_disk(gguf_path, tmp_path, monkeypatch):
-    import mlx.core as mx
-
     def fill_then_fail(file, *args, **kwargs):
         file.write(b"\0" * 1_000_000)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mx, "save_safetensors", fill_then_fail)
+    monkeypatch.setattr(gguf_module, "write_safetensors", fill_then_fail)
     out = tmp_path / "out"
     with pytest.raises(ConversionError) as info:
         convert_gguf(gguf_path, out)

@@ -6,7 +6,11 @@ import json
 
 import pytest
 
-from trioserve.models.tokenizer import TokenizerMetadataError, build_tokenizer
+from trioserve.models.tokenizer import (
+    TokenizerMetadataError,
+    build_tokenizer,
+    write_tokenizer_files,
+)
 
 SAMPLE = "Hello, wörld! Ünïcödé: 日本語, emoji 🚀, tabs\tand\nnew lines,   spaces. 2024"
 
@@ -55,6 +59,20 @@ def test_no_bos_is_added_and_template_is_chatml(model_dir):
     assert generation["eos_token_id"] == 2
 
 
-def test_sentencepiece_vocabulary_is_refused():
-    with pytest.raises(TokenizerMetadataError, match="unsupported tokenizer model 'llama'"):
-        build_tokenizer({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"]})
+def test_written_files_load_through_mlx_lm(gguf_metadata, tmp_path):
+    from mlx_lm.utils import load_tokenizer
+
+    write_tokenizer_files(gguf_metadata, tmp_path, 8192)
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    tokenizer = load_tokenizer(tmp_path, eos_token_ids=generation["eos_token_id"])
+    ids = tokenizer.encode(SAMPLE)
+    assert ids == build_tokenizer(gguf_metadata).encode(SAMPLE).ids
+    assert tokenizer.decode(ids) == SAMPLE
+    assert tokenizer.eos_token_ids == {2}
+    assert tokenizer.chat_template == gguf_metadata["tokenizer.chat_template"]
+
+
+def test_unsupported_tokenizer_kind_is_refused():
+    # Unigram (t5) stays unsupported; the message names it and what is supported.
+    with pytest.raises(TokenizerMetadataError, match="unsupported tokenizer model 't5'.*'llama'"):
+        build_tokenizer({"tokenizer.ggml.model": "t5", "tokenizer.ggml.tokens": ["a"]})

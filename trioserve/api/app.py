@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,14 +65,17 @@ def create_app(
     ``worker_factory`` replaces the MLX worker (tests: fault injection at real seams).
     """
     from trioserve.models.loading import load_model, model_context_length, model_vocab_size
-    from trioserve.models.registry import default_model_name, resolve_model
+    from trioserve.models.sources import resolve
 
     config = config or ServerConfig.from_env()
     # Read once: a bad file fails the start, and requests do no file I/O.
     chat_template = (
         read_chat_template(config.chat_template) if config.chat_template is not None else None
     )
-    model_dir = resolve_model(str(config.model) if config.model else None, dtype=config.dtype)
+    # `trioserve serve` passes the directory it resolved; the Hypercorn factory launch
+    # (TRIOSERVE_MODEL) resolves here, converting on first use with its steps on stderr.
+    resolved = resolve(config.model, dtype=config.dtype, progress=_progress)
+    model_dir = resolved.path
     if engine is None:
         extra = {"worker_factory": worker_factory} if worker_factory is not None else {}
         engine = Engine(
@@ -86,9 +90,7 @@ def create_app(
                 **extra,
             )
         )
-    model_id = config.served_model_name or (
-        default_model_name() if config.model is None else model_dir.name
-    )
+    model_id = config.served_model_name or resolved.name
     app = QuartTrio("trioserve", static_folder=None)  # /static/ is the playground's (web/)
     app.config["RESPONSE_TIMEOUT"] = None  # streams end when generation does, not at 60 s
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -117,6 +119,10 @@ def create_app(
         app.nursery.start_soon(_run_engine, app.extensions["trioserve"], on_engine_failure)
 
     return app
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _load_on_worker(load: Callable[[Path], Any], model_dir: Path) -> Any:

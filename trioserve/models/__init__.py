@@ -1,4 +1,4 @@
-"""Models: GGUF conversion, the embedded default model, and loading with mlx-lm."""
+"""Models: what --model names (sources), GGUF conversion, the embedded default model, loading."""
 
 from trioserve.models.errors import (
     ConversionError,
@@ -9,7 +9,8 @@ from trioserve.models.errors import (
 )
 from trioserve.models.gguf import SUPPORTED_DTYPES, convert_gguf, run_convert_cli
 from trioserve.models.loading import load_model, model_context_length
-from trioserve.models.registry import default_gguf_path, default_model_name, resolve_model
+from trioserve.models.registry import default_gguf_path, default_model_name
+from trioserve.models.sources import ResolvedModel, resolve
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -18,11 +19,12 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "OutputExistsError",
+    "ResolvedModel",
     "convert_gguf",
     "default_gguf_path",
     "default_model_name",
     "load_model",
     "model_context_length",
-    "resolve_model",
+    "resolve",
     "run_convert_cli",
 ]

@@ -46,3 +46,17 @@ class ModelLoadError(ModelError):
 
     def __str__(self) -> str:
         return f"cannot load model {self.path}: {self.reason}"
+
+
+class ModelSourceError(ModelNotFoundError):
+    """A `--model` value (Hub repo id, `ollama:` name, path) that cannot be resolved.
+
+    The message says what was tried and what to do: `cannot find model 'owner/name': ...`.
+    """
+
+    def __init__(self, spec: str, reason: str) -> None:
+        self.spec = str(spec)
+        super().__init__(spec, reason)
+
+    def __str__(self) -> str:
+        return f"cannot find model {self.spec!r}: {self.reason}"

