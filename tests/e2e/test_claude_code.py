@@ -21,13 +21,18 @@ send, and how it reports each kind of error.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from tests.e2e.conftest import E2E_TOOLS, NODE_MODULES, _load_tool, serverlog
+from tests.e2e.conftest import (
+    NODE_MODULES,
+    _load_tool,
+    assert_printed_the_last_answer,
+    assert_progress_as_asked,
+    driver_server,
+    live,
+    require_cli,
+    run_driver,
+)
 from trioserve.testing import STARTUP_TIMEOUT_S
 
 claude_run = _load_tool("claude_run")
@@ -41,35 +46,15 @@ TOOL_MARKER = claude_run.TOOL_MARKER  # what the file the model reads holds
 MESSAGES_TARGET = "/v1/messages?beta=true"
 
 
-@pytest.fixture(scope="module")
-def claude_server(tmp_path_factory, model_dir):
-    server = claude_run.start_claude_server(tmp_path_factory.mktemp("claude-server"))
-    yield server
-    server.stop()
-
-
-def require_claude() -> None:
-    """Fail with the fix when the pinned Claude Code is not installed."""
-    if not CLAUDE.exists():
-        pytest.fail(f"{CLAUDE} is not installed: run tools/setup_e2e.sh")
+claude_server = driver_server(claude_run.start_claude_server, "claude-server")
 
 
 def run_harness(tmp_path, mode: str, *target: str) -> tuple[dict, str]:
     """claude_run.py's JSON report for one mode, and the context to show when a check fails."""
-    require_claude()
-    argv = [sys.executable, str(E2E_TOOLS / "claude_run.py"), "--mode", mode, *target]
-    argv += ["--scratch", str(tmp_path), "--timeout", str(CLAUDE_TIMEOUT_S)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=CLAUDE_TIMEOUT_S + 60)
-    assert proc.stdout.strip(), f"no report (exit {proc.returncode}): {proc.stderr[-3000:]}"
-    report = json.loads(proc.stdout)
+    require_cli(CLAUDE)
     keys = ("reasons", "returncode", "stdout", "stderr_tail", "other_requests", "requests")
-    context = json.dumps({k: report[k] for k in keys}, indent=1)[-12000:]
-    assert not report["timed_out"], context
-    return report, context
-
-
-def live(server) -> tuple[str, ...]:
-    return ("--server", server.url, "--server-log", str(server.log_path))
+    args = ("--mode", mode, *target)
+    return run_driver("claude_run.py", tmp_path, *args, timeout_s=CLAUDE_TIMEOUT_S, keys=keys)
 
 
 def assert_contained(report: dict, context: str) -> None:
@@ -92,13 +77,6 @@ def assert_streams_completed(report: dict, context: str) -> None:
         assert r["stop_reason"] in ("end_turn", "tool_use"), context
 
 
-def assert_printed_the_last_answer(report: dict, context: str) -> None:
-    final = report["requests"][-1]
-    text = final["logged_text"]
-    assert text is not None and text.strip(), context
-    assert serverlog.normalized(text) in serverlog.normalized(report["stdout"]), context
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "progress"])
 @pytest.mark.timeout(STARTUP_TIMEOUT_S + CLAUDE_TIMEOUT_S + 120)  # its bound, and a start
@@ -112,12 +90,7 @@ def test_claude_code_prints_the_servers_answer(claude_server, tmp_path, mode):
     assert_contained(report, context)
     assert_streams_completed(report, context)
     assert_printed_the_last_answer(report, context)
-    if mode == "progress":
-        assert request["progress_header"] == "true", context
-        assert request["progress_events"] >= 1, context
-    else:
-        assert request["progress_header"] is None, context
-        assert request["progress_events"] == 0, context
+    assert_progress_as_asked(request, mode, context)
     assert report["ok"], context
 
 

@@ -17,12 +17,19 @@ that the pinned Codex still accepts the stream shape trioserve is built to send.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.e2e.conftest import E2E_TOOLS, NODE_MODULES, _load_tool, serverlog
+from tests.e2e.conftest import (
+    NODE_MODULES,
+    _load_tool,
+    assert_printed_the_last_answer,
+    assert_progress_as_asked,
+    driver_server,
+    live,
+    require_cli,
+    run_driver,
+)
 from trioserve.testing import STARTUP_TIMEOUT_S
 
 codex_run = _load_tool("codex_run")
@@ -35,35 +42,15 @@ TOOL_MARKER = codex_run.TOOL_MARKER  # what the model's command prints
 SHELL_TOOL = codex_run.SHELL_TOOL  # Codex's shell tool (unified exec) on Linux
 
 
-@pytest.fixture(scope="module")
-def codex_server(tmp_path_factory, model_dir):
-    server = codex_run.start_codex_server(tmp_path_factory.mktemp("codex-server"))
-    yield server
-    server.stop()
-
-
-def require_codex() -> None:
-    """Fail with the fix when the pinned Codex is not installed."""
-    if not CODEX.exists():
-        pytest.fail(f"{CODEX} is not installed: run tools/setup_e2e.sh")
+codex_server = driver_server(codex_run.start_codex_server, "codex-server")
 
 
 def run_harness(tmp_path, mode: str, *target: str) -> tuple[dict, str]:
     """codex_run.py's JSON report for one mode, and the context to show when a check fails."""
-    require_codex()
-    argv = [sys.executable, str(E2E_TOOLS / "codex_run.py"), "--mode", mode, *target]
-    argv += ["--scratch", str(tmp_path), "--timeout", str(CODEX_TIMEOUT_S)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=CODEX_TIMEOUT_S + 60)
-    assert proc.stdout.strip(), f"no report (exit {proc.returncode}): {proc.stderr[-3000:]}"
-    report = json.loads(proc.stdout)
+    require_cli(CODEX)
     keys = ("reasons", "returncode", "stdout", "stderr_tail", "requests")
-    context = json.dumps({k: report[k] for k in keys}, indent=1)[-12000:]
-    assert not report["timed_out"], context
-    return report, context
-
-
-def live(server) -> tuple[str, ...]:
-    return ("--server", server.url, "--server-log", str(server.log_path))
+    args = ("--mode", mode, *target)
+    return run_driver("codex_run.py", tmp_path, *args, timeout_s=CODEX_TIMEOUT_S, keys=keys)
 
 
 def assert_streams_completed(report: dict, context: str) -> None:
@@ -81,13 +68,6 @@ def assert_streams_completed(report: dict, context: str) -> None:
         assert r["response_id"], context
 
 
-def assert_printed_the_last_answer(report: dict, context: str) -> None:
-    final = report["requests"][-1]
-    text = final["logged_text"]
-    assert text is not None and text.strip(), context
-    assert serverlog.normalized(text) in serverlog.normalized(report["stdout"]), context
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["plain", "progress"])
 @pytest.mark.timeout(STARTUP_TIMEOUT_S + CODEX_TIMEOUT_S + 120)  # its bound, and a start
@@ -98,12 +78,7 @@ def test_codex_exec_prints_the_servers_answer(codex_server, tmp_path, mode):
     assert request["request_bytes"] < 8000, context  # not Codex's default ~40 KB
     assert_streams_completed(report, context)
     assert_printed_the_last_answer(report, context)
-    if mode == "progress":
-        assert request["progress_header"] == "true", context
-        assert request["progress_events"] >= 1, context
-    else:
-        assert request["progress_header"] is None, context
-        assert request["progress_events"] == 0, context
+    assert_progress_as_asked(request, mode, context)
     assert report["ok"], context
 
 

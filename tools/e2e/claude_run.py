@@ -54,45 +54,33 @@ only on a pass. Needs ``tools/setup_e2e.sh`` first.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
-import os
 import re
-import signal
 import sys
-import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import trio
 
-from trioserve.testing import ServerProcess, free_port, serve_argv, start_server
+from trioserve.testing import ServerProcess, serve_argv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorder import Exchange, Recorder  # noqa: E402
-from serverlog import normalized  # noqa: E402
+import harness  # noqa: E402
+from harness import CONTEXT_LIMIT, MODEL, PROGRESS_HEADER, PROMPT, ClientRun  # noqa: E402
+from recorder import Exchange  # noqa: E402
+from serverlog import ANY_TEXT_LINE, normalized, read_back  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-CLAUDE = Path(__file__).resolve().parent / "node_modules" / ".bin" / "claude"
-MODEL = "SmolLM2-135M-Instruct"
+CLAUDE = harness.NODE_BIN / "claude"
 MODES = ("plain", "progress", "tool", "overflow")
-PROMPT = "What is the capital of France?"
 SYSTEM_PROMPT = "You are a helpful assistant."
-CONTEXT_LIMIT = 8192  # SmolLM2's max_position_embeddings
 MAX_OUTPUT_TOKENS = 256
-PROGRESS_HEADER = "X-SwiftLM-Prefill-Progress"
 API_KEY = "trioserve-e2e-dummy-key"  # sent as x-api-key; the server runs without --api-key
 TOOL = "Read"
 TOOL_MARKER = "claude-tool-ok"
 TOOL_FILE = "marker.txt"  # in the scratch project, holding TOOL_MARKER
-# The server's debug line for each finished request: ``request <id> (<message id>) text: <repr>``.
-TEXT_LINE = re.compile(r"request \S+ \(([^()\s]+)\) text: (.*)$", re.MULTILINE)
 # What Claude Code prints for a context overflow it recognises (Anthropic's own wording,
 # "prompt is too long: N tokens > M maximum", or one of its list of other servers' wordings).
 CLAUDE_OVERFLOW_LINE = "Prompt is too long"
@@ -152,24 +140,17 @@ def claude_args(mode: str, model: str | None, marker: Path, *, bare: bool = True
 
 def claude_env(scratch: Path, base_url: str, sink_port: int, mode: str) -> dict[str, str]:
     """A closed environment: nothing inherited but PATH."""
-    home, tmp = scratch / "home", scratch / "tmp"
-    for path in (home, tmp):
-        path.mkdir(parents=True, exist_ok=True)
     sink = f"http://127.0.0.1:{sink_port}"
-    env = {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "LANG": "C.UTF-8",
-        "HOME": str(home),
-        "TMPDIR": str(tmp),
-        "NO_COLOR": "1",
-        "ANTHROPIC_BASE_URL": base_url,
-        "ANTHROPIC_API_KEY": API_KEY,
+    env = harness.scratch_env(
+        {"HOME": scratch / "home", "TMPDIR": scratch / "tmp"},
+        ANTHROPIC_BASE_URL=base_url,
+        ANTHROPIC_API_KEY=API_KEY,
         # Anything that is not the loopback server goes to the sink (and is refused there).
-        "HTTPS_PROXY": sink,
-        "HTTP_PROXY": sink,
-        "NO_PROXY": "127.0.0.1,localhost",
+        HTTPS_PROXY=sink,
+        HTTP_PROXY=sink,
+        NO_PROXY="127.0.0.1,localhost",
         **RUN_ENV,
-    }
+    )
     if mode != "overflow":
         env.update(SMALL_REQUEST_ENV)
     if mode == "progress":
@@ -196,22 +177,18 @@ def server_launch(port: int) -> list[str]:
 
 def start_claude_server(folder: Path, **options) -> ServerProcess:
     """A healthy ``server_launch`` server on a free port, logging to ``folder/server.log``."""
-    port = free_port()
-    log_path = folder / "server.log"
-    return start_server(server_launch(port), port, log_path=log_path, name="trioserve", **options)
+    return harness.start_logged_server(folder, _launch, name="trioserve", **options)
 
 
-@dataclass
-class ClaudeRun:
+def _launch(port: int) -> tuple[list[str], None]:
+    return server_launch(port), None
+
+
+@dataclass(kw_only=True)
+class ClaudeRun(ClientRun):
     mode: str
     prompt: str
     argv: list[str]
-    returncode: int | None
-    timed_out: bool
-    seconds: float
-    stdout: str
-    stderr: str
-    exchanges: list[Exchange] = field(default_factory=list)
     outside: list[str] = field(default_factory=list)  # first lines of connections to the sink
     marker: str | None = None
     fake_error: str | None = None  # the error FakeMessages answered with, if any
@@ -244,12 +221,6 @@ class Sink:
         await stream.aclose()
 
 
-async def _kill_group(process: trio.Process) -> None:
-    """Claude Code may start helpers (tools, shells): end its whole process group."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
 async def run_claude(
     upstream_port: int,
     scratch: Path,
@@ -262,49 +233,25 @@ async def run_claude(
     fake_error: str | None = None,
 ) -> ClaudeRun:
     """One ``claude -p PROMPT`` in the scratch project, through a Recorder to the server."""
-    if not os.access(CLAUDE, os.X_OK):
-        raise FileNotFoundError(f"{CLAUDE} is missing: run tools/setup_e2e.sh")
+    harness.require_client(CLAUDE)
     project = scratch / "project"
     project.mkdir(parents=True, exist_ok=True)
     marker = project / TOOL_FILE
     marker.write_text(TOOL_MARKER + "\n")
-    recorder, sink = Recorder(upstream_port), Sink()
-    stdout_path, stderr_path = scratch / "claude.stdout", scratch / "claude.stderr"
+    sink = Sink()
     args = claude_args(mode, model, marker, bare=bare)
     if prompt is not None:
         args[-1] = prompt
     argv = [str(CLAUDE), *args]
-    returncode = None
-    started = time.monotonic()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(recorder.serve)
-        sink_port = await nursery.start(sink.serve)
-        env = claude_env(scratch, f"http://127.0.0.1:{port}", sink_port, mode)
-        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-            with trio.move_on_after(timeout_s) as deadline:
-                done = await trio.run_process(
-                    argv,
-                    stdin=b"",
-                    stdout=out,
-                    stderr=err,
-                    check=False,
-                    cwd=project,
-                    env=env,
-                    start_new_session=True,
-                    deliver_cancel=_kill_group,
-                )
-                returncode = done.returncode
-        nursery.cancel_scope.cancel()
+    async with harness.relayed(upstream_port, scratch / "claude") as relay:
+        sink_port = await relay.nursery.start(sink.serve)
+        env = claude_env(scratch, f"http://127.0.0.1:{relay.port}", sink_port, mode)
+        await relay.run(argv, cwd=project, env=env, timeout_s=timeout_s)
     return ClaudeRun(
         mode=mode,
         prompt=args[-1],
         argv=[Path(argv[0]).name, *args],
-        returncode=returncode,
-        timed_out=deadline.cancelled_caught,
-        seconds=round(time.monotonic() - started, 1),
-        stdout=stdout_path.read_text(errors="replace"),
-        stderr=stderr_path.read_text(errors="replace"),
-        exchanges=recorder.exchanges(),
+        **relay.outcome(),
         outside=list(sink.lines),
         marker=str(marker),
         fake_error=fake_error,
@@ -312,34 +259,6 @@ async def run_claude(
 
 
 # -- reading the wire --------------------------------------------------------------------------
-
-
-def logged_texts(log_text: str) -> dict[str, str]:
-    """message id -> generated text, from the server's debug lines."""
-    texts = {}
-    for match in TEXT_LINE.finditer(log_text):
-        with contextlib.suppress(ValueError, SyntaxError):
-            texts[match.group(1)] = ast.literal_eval(match.group(2))
-    return texts
-
-
-def stream_events(exchange: Exchange) -> list[dict]:
-    """Each SSE event's JSON data (``event:`` name kept as ``_event``); unparseable data kept."""
-    out = []
-    for event in exchange.sse_events():
-        try:
-            data = json.loads(event.data)
-        except ValueError:
-            data = {"unparseable": event.data}
-        if not isinstance(data, dict):
-            data = {"value": data}
-        out.append({"_event": event.name, **data})
-    return out
-
-
-def is_progress(event: dict) -> bool:
-    names = [event.get("_event"), event.get("type")]
-    return any(isinstance(n, str) and "progress" in n for n in names)
 
 
 def assemble(events: list[dict]) -> dict:
@@ -395,20 +314,10 @@ def _block_text(content: object) -> str:
 def describe(exchange: Exchange, texts: dict[str, str]) -> dict:
     """What one POST /v1/messages carried and got back."""
     body = exchange.request_json() or {}
-    events = stream_events(exchange) if exchange.status == 200 else []
+    events = harness.stream_events(exchange) if exchange.status == 200 else []
     message = assemble(events)
-    error_body = None
-    if exchange.status != 200:
-        with contextlib.suppress(ValueError):
-            error_body = json.loads(exchange.response_body)
     messages = body.get("messages") or []
-    results = [
-        b
-        for m in messages
-        if isinstance(m.get("content"), list)
-        for b in m["content"]
-        if isinstance(b, dict) and b.get("type") == "tool_result"
-    ]
+    results = _tool_results(messages)
     headers = exchange.request_headers
     return {
         "target": exchange.target,
@@ -435,9 +344,9 @@ def describe(exchange: Exchange, texts: dict[str, str]) -> dict:
         "x_api_key": headers.get("x-api-key") is not None,
         "progress_header": headers.get(PROGRESS_HEADER.lower()),
         "event_types": [e.get("type") or e.get("_event") for e in events],
-        "progress_events": sum(is_progress(e) for e in events),
+        "progress_events": sum(harness.is_progress(e) for e in events),
         "error_events": [e for e in events if e.get("type") == "error"],
-        "error_body": error_body,
+        "error_body": harness.error_body(exchange),
         "message_id": message["id"],
         "stop_reason": message["stop_reason"],
         "usage": message["usage"],
@@ -451,6 +360,17 @@ def describe(exchange: Exchange, texts: dict[str, str]) -> dict:
     }
 
 
+def _tool_results(messages: list[dict]) -> list[dict]:
+    """The tool_result blocks of a request's messages."""
+    return [
+        b
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for b in m["content"]
+        if isinstance(b, dict) and b.get("type") == "tool_result"
+    ]
+
+
 def _messages_exchanges(run: ClaudeRun) -> list[Exchange]:
     return [
         e
@@ -459,21 +379,15 @@ def _messages_exchanges(run: ClaudeRun) -> list[Exchange]:
     ]
 
 
+def _waiting(request: dict) -> bool:
+    return bool(request["message_id"]) and request["logged_text"] is None
+
+
 def verdict(run: ClaudeRun, server_log: Path) -> dict:
     """The report: every check that failed is a reason; ok when there is none."""
     exchanges = _messages_exchanges(run)
-    # The server writes its text line as the stream ends; give the log a moment to catch up.
-    deadline = time.monotonic() + 10
-    while True:
-        texts = logged_texts(server_log.read_text(errors="replace"))
-        requests = [describe(e, texts) for e in exchanges]
-        waiting = [r for r in requests if r["message_id"] and r["logged_text"] is None]
-        if time.monotonic() > deadline or not waiting:
-            break
-        time.sleep(0.2)
-    reasons = []
-    if run.timed_out:
-        reasons.append(f"claude did not finish in time ({run.seconds} s)")
+    requests = read_back(server_log, exchanges, describe, waiting=_waiting, line=ANY_TEXT_LINE)
+    reasons = harness.timeout_reasons("claude", run)
     others = [f"{e.method} {e.target}" for e in run.exchanges if e not in exchanges]
     if run.outside:
         reasons.append(f"claude tried to reach the network: {run.outside}")
@@ -485,27 +399,13 @@ def verdict(run: ClaudeRun, server_log: Path) -> dict:
         reasons += _overflow_reasons(run, requests)
     else:
         reasons += _answer_reasons(run, requests)
-    return {
-        "ok": not reasons,
-        "reasons": reasons,
-        "mode": run.mode,
-        "argv": run.argv,
-        "prompt": run.prompt,
-        "returncode": run.returncode,
-        "timed_out": run.timed_out,
-        "seconds": run.seconds,
-        "stdout": run.stdout,
-        "stderr_tail": run.stderr[-4000:],
-        "other_requests": others,
-        "outside_connections": run.outside,
-        "requests": requests,
-    }
+    head = {"mode": run.mode, "argv": run.argv, "prompt": run.prompt}
+    tail = {"other_requests": others, "outside_connections": run.outside, "requests": requests}
+    return harness.report(run, reasons, head, tail)
 
 
 def _answer_reasons(run: ClaudeRun, requests: list[dict]) -> list[str]:
-    reasons = []
-    if not run.timed_out and run.returncode != 0:
-        reasons.append(f"claude exited with {run.returncode}")
+    reasons = harness.exit_reasons("claude", run)
     for r in requests:
         if r["status"] != 200:
             reasons.append(f"a request got HTTP {r['status']}: {r['error_body']}")
@@ -516,26 +416,10 @@ def _answer_reasons(run: ClaudeRun, requests: list[dict]) -> list[str]:
         if r["status"] == 200 and "message_stop" not in r["event_types"]:
             reasons.append(f"a stream had no message_stop: {r['event_types']}")
     final = requests[-1]
-    text = final["logged_text"]
-    if final["message_id"] is None:
-        reasons.append("the last stream carried no message id")
-    elif text is None:
-        reasons.append(f"no server log line for the last stream ({final['message_id']})")
-    elif not text.strip():
-        reasons.append("the server generated an empty answer: nothing to find in the output")
-    elif normalized(text) not in normalized(run.stdout):
-        reasons.append("claude's output does not contain the text the server generated")
-    headers = {r["progress_header"] for r in requests}
-    if run.mode == "progress":
-        if headers != {"true"}:
-            reasons.append(f"a request lacked the {PROGRESS_HEADER} header: {headers}")
-        if requests[0]["progress_events"] < 1:
-            reasons.append("the first stream held no prefill progress event")
-    else:
-        if headers != {None}:
-            reasons.append(f"a request carried the {PROGRESS_HEADER} header unasked")
-        if any(r["progress_events"] for r in requests):
-            reasons.append("a stream held progress events nobody asked for")
+    reasons += harness.last_answer_reasons(
+        "claude", run, final, id_key="message_id", id_name="message"
+    )
+    reasons += harness.progress_reasons(run.mode == "progress", requests)
     if run.mode == "tool":
         reasons += _tool_reasons(run, requests)
     return reasons
@@ -634,7 +518,7 @@ def _error_reasons(run: ClaudeRun, requests: list[dict]) -> list[str]:
 # -- a hand-written Messages stream, to check the harness without trioserve -------------------
 
 
-class FakeMessages:
+class FakeMessages(harness.FakeServer):
     """The smallest ``/v1/messages`` streams Claude Code accepts, plus the progress form we
     expect, and Anthropic's error answers on demand.
 
@@ -648,49 +532,11 @@ class FakeMessages:
     ANSWER = "The capital of France is Paris."
 
     def __init__(self, log_path: Path, error: str | None = None) -> None:
-        self.log_path = log_path
+        super().__init__(log_path)
         self.error = error
-        self.count = 0
-        self.lock = threading.Lock()
-        self.httpd: ThreadingHTTPServer | None = None
-
-    def __enter__(self) -> FakeMessages:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-                progress = (self.headers.get(PROGRESS_HEADER) or "").lower() == "true"
-                status, body, ctype = fake.answer(self.path, raw, progress)
-                self.send_response(status)
-                self.send_header("content-type", ctype)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        assert self.httpd is not None
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    @property
-    def url(self) -> str:
-        assert self.httpd is not None
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def answer(self, path: str, raw: bytes, progress: bool) -> tuple[int, bytes, str]:
-        with self.lock:
-            self.count += 1
-            n = self.count
+        n = self.next_number()
         if urlsplit(path).path != "/v1/messages":
             return _error(404, f"fake: no route for {path}")
         body = json.loads(raw)
@@ -699,13 +545,7 @@ class FakeMessages:
         if len(raw) > 30_000:
             return _error(400, f"prompt is too long: {len(raw) // 4} tokens > 8192 maximum")
         messages = body.get("messages") or []
-        results = [
-            b
-            for m in messages
-            if isinstance(m.get("content"), list)
-            for b in m["content"]
-            if isinstance(b, dict) and b.get("type") == "tool_result"
-        ]
+        results = _tool_results(messages)
         call = re.search(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", _user_text(messages), re.S)
         if results:
             # Read's result is the file numbered by line: "1\tclaude-tool-ok\n2\t"
@@ -726,8 +566,7 @@ class FakeMessages:
             blocks = [{"type": "text", "text": self.ANSWER}]
         message_id = f"msg_fake{n}"
         if self.error != "event":
-            with self.log_path.open("a") as log:
-                log.write(f"DEBUG fake: request {n} ({message_id}) text: {_text(blocks)!r}\n")
+            self.log_text(n, message_id, _text(blocks))
         if body.get("stream") is not True:
             return 200, json.dumps(_message(message_id, body, blocks)).encode(), "application/json"
         events = _stream(message_id, body, blocks, progress, error=self.error == "event")
@@ -820,36 +659,22 @@ def _empty(block: dict) -> dict:
 
 def request_fixture(exchange: Exchange, scratch: Path) -> dict:
     """One request as JSON, the scratch folder's path and the relay's port made neutral."""
-    text = exchange.request_body.decode("utf-8", errors="replace")
-    text = text.replace(str(scratch), "/scratch")
+    return harness.request_fixture(exchange, _neutral(scratch))
+
+
+def _neutral(scratch: Path) -> list[tuple[str, str]]:
     # Claude Code's per-project folder names are the path with "-" for "/" and ".".
-    text = text.replace(re.sub(r"[^A-Za-z0-9]", "-", str(scratch)), "-scratch")
-    headers = dict(exchange.request_headers)
-    headers["host"] = "127.0.0.1:PORT"
-    return {
-        "method": exchange.method,
-        "target": exchange.target,
-        "headers": headers,
-        "body": json.loads(text),
-    }
+    return [(str(scratch), "/scratch"), (re.sub(r"[^A-Za-z0-9]", "-", str(scratch)), "-scratch")]
 
 
 def save_requests(run: ClaudeRun, scratch: Path, folder: Path) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i, exchange in enumerate(_messages_exchanges(run)):
-        path = folder / f"{run.mode}_request_{i + 1}.json"
-        path.write_text(json.dumps(request_fixture(exchange, scratch), indent=2) + "\n")
-        names.append(str(path))
-    return names
+    return harness.save_requests(_messages_exchanges(run), run.mode, folder, _neutral(scratch))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=MODES, default="plain")
-    parser.add_argument("--server", help="a running trioserve, e.g. http://127.0.0.1:8080")
-    parser.add_argument("--server-log", type=Path, help="its log, written with --log-level debug")
-    parser.add_argument("--fake", action="store_true", help="a hand-written Messages stream")
+    harness.add_target_args(parser, fake_help="a hand-written Messages stream")
     parser.add_argument(
         "--fake-error",
         choices=["400", "401", "404", "413", "429", "500", "529", "event"],
@@ -871,28 +696,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--save-requests", type=Path, metavar="DIR", help="write them as JSON")
     args = parser.parse_args(argv)
-    if bool(args.server) != bool(args.server_log):
-        parser.error("--server and --server-log go together")
-    if args.fake and args.server:
-        parser.error("--fake or --server, not both")
+    harness.check_target_args(parser, args)
     if args.fake_error and not args.fake:
         parser.error("--fake-error needs --fake")
-    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="trioserve-claude-"))
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = harness.scratch_folder(args.scratch, "trioserve-claude-")
     with contextlib.ExitStack() as stack:
-        if args.server:
-            url, log_path = args.server, args.server_log
-        elif args.fake:
-            log_path = scratch / "fake.log"
-            log_path.touch()
-            url = stack.enter_context(FakeMessages(log_path, args.fake_error)).url
-        else:
-            server = start_claude_server(scratch, cwd=ROOT, die_with_parent=True)
-            stack.callback(server.stop)
-            url, log_path = server.url, server.log_path
-        port = urlsplit(url).port
-        if urlsplit(url).hostname != "127.0.0.1" or port is None:
-            parser.error("--server must be http://127.0.0.1:PORT")
+        fake = partial(FakeMessages, error=args.fake_error)
+        port, log_path = harness.open_target(
+            stack, parser, args, scratch, start=start_claude_server, fake=fake
+        )
         run = trio.run(
             partial(
                 run_claude,
@@ -907,11 +719,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         report = verdict(run, log_path)
-    report["scratch"] = str(scratch)
-    if args.save_requests:
-        report["saved"] = save_requests(run, scratch, args.save_requests)
-    print(json.dumps(report, indent=2))
-    return 0 if report["ok"] else 1
+    saved = save_requests(run, scratch, args.save_requests) if args.save_requests else None
+    return harness.finish(report, scratch, saved)
 
 
 if __name__ == "__main__":

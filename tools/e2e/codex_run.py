@@ -40,36 +40,28 @@ default, debug log). Prints a JSON report; the exit code is 0 only on a pass. Ne
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
-import os
 import re
-import signal
 import sys
-import tempfile
-import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import trio
 
-from trioserve.testing import ServerProcess, free_port, hypercorn_argv, start_server
+from trioserve.testing import ServerProcess, hypercorn_argv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorder import Exchange, Recorder  # noqa: E402
-from serverlog import normalized  # noqa: E402
+import harness  # noqa: E402
+from harness import CONTEXT_LIMIT, MODEL, PROGRESS_HEADER, PROMPT, ClientRun  # noqa: E402
+from recorder import Exchange  # noqa: E402
+from serverlog import ANY_TEXT_LINE, normalized, read_back  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-CODEX = Path(__file__).resolve().parent / "node_modules" / ".bin" / "codex"
-MODEL = "SmolLM2-135M-Instruct"
+CODEX = harness.NODE_BIN / "codex"
 PROVIDER = "trioserve"
 MODES = ("plain", "progress", "tool", "overflow")
-PROMPT = "What is the capital of France?"
 INSTRUCTIONS = "You are a helpful assistant."
 TOOL_MARKER = "codex-tool-ok"
 # SmolLM2 does not call a tool on its own with tool_choice "auto" (Codex sends nothing else).
@@ -95,11 +87,6 @@ SERVER_LOGGING = {
     "root": {"level": "INFO", "handlers": ["stderr"]},
     "loggers": {"trioserve": {"level": "DEBUG"}},  # the generated text of each request
 }
-PROGRESS_HEADER = "X-SwiftLM-Prefill-Progress"
-CONTEXT_LIMIT = 8192  # SmolLM2's max_position_embeddings
-# The server's debug line for each finished request: ``request <id> (<response id>) text: <repr>``
-# (tools/e2e/serverlog.py reads the chatcmpl- ids of the same line; Responses ids are resp_...).
-TEXT_LINE = re.compile(r"request \S+ \(([^()\s]+)\) text: (.*)$", re.MULTILINE)
 # Stream events that end a Responses stream badly.
 ERROR_EVENTS = ("error", "response.failed", "response.incomplete")
 
@@ -210,42 +197,21 @@ def server_launch(port: int, folder: Path) -> tuple[list[str], dict[str, str]]:
 
 def start_codex_server(folder: Path, **options) -> ServerProcess:
     """A healthy ``server_launch`` server on a free port, logging to ``folder/server.log``."""
-    port = free_port()
-    argv, env = server_launch(port, folder)
-    log_path = folder / "server.log"
-    return start_server(argv, port, log_path=log_path, env=env, name="trioserve", **options)
+    launch = partial(server_launch, folder=folder)
+    return harness.start_logged_server(folder, launch, name="trioserve", **options)
 
 
 def codex_env(scratch: Path) -> dict[str, str]:
     """A closed environment: nothing inherited but PATH."""
     home = scratch / "home"
     dirs = {"HOME": home, "CODEX_HOME": home / ".codex", "TMPDIR": scratch / "tmp"}
-    for path in dirs.values():
-        path.mkdir(parents=True, exist_ok=True)
-    return {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "LANG": "C.UTF-8",
-        **{name: str(path) for name, path in dirs.items()},
-        "NO_COLOR": "1",
-    }
+    return harness.scratch_env(dirs)
 
 
-@dataclass
-class CodexRun:
+@dataclass(kw_only=True)
+class CodexRun(ClientRun):
     mode: str
     prompt: str
-    returncode: int | None
-    timed_out: bool
-    seconds: float
-    stdout: str
-    stderr: str
-    exchanges: list[Exchange] = field(default_factory=list)
-
-
-async def _kill_group(process: trio.Process) -> None:
-    """Codex starts helpers (its sandbox, the commands it runs): end its whole process group."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def prompt_for(mode: str) -> str:
@@ -256,83 +222,28 @@ async def run_codex(
     upstream_port: int, scratch: Path, *, mode: str, timeout_s: float, prompt: str | None = None
 ) -> CodexRun:
     """One ``codex exec PROMPT`` in the scratch project, through a Recorder to the server."""
-    if not os.access(CODEX, os.X_OK):
-        raise FileNotFoundError(f"{CODEX} is missing: run tools/setup_e2e.sh")
+    harness.require_client(CODEX)
     prompt = prompt_for(mode) if prompt is None else prompt
     project = scratch / "project"
     project.mkdir(parents=True, exist_ok=True)
     env = codex_env(scratch)
     instructions = scratch / "instructions.md"
     instructions.write_text(INSTRUCTIONS + "\n")
-    recorder = Recorder(upstream_port)
-    stdout_path, stderr_path = scratch / "codex.stdout", scratch / "codex.stderr"
-    returncode = None
-    started = time.monotonic()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(recorder.serve)
-        config = codex_config(f"http://127.0.0.1:{port}/v1", mode, instructions)
+    async with harness.relayed(upstream_port, scratch / "codex") as relay:
+        config = codex_config(f"http://127.0.0.1:{relay.port}/v1", mode, instructions)
         (Path(env["CODEX_HOME"]) / "config.toml").write_text(to_toml(config))
         argv = [str(CODEX), "exec", "--strict-config", "--skip-git-repo-check", "--ephemeral"]
         argv += ["--color", "never", "--sandbox", "read-only", "-C", str(project), prompt]
-        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-            with trio.move_on_after(timeout_s) as deadline:
-                done = await trio.run_process(
-                    argv,
-                    stdin=b"",
-                    stdout=out,
-                    stderr=err,
-                    check=False,
-                    cwd=project,
-                    env=env,
-                    start_new_session=True,
-                    deliver_cancel=_kill_group,
-                )
-                returncode = done.returncode
-        nursery.cancel_scope.cancel()
-    return CodexRun(
-        mode=mode,
-        prompt=prompt,
-        returncode=returncode,
-        timed_out=deadline.cancelled_caught,
-        seconds=round(time.monotonic() - started, 1),
-        stdout=stdout_path.read_text(errors="replace"),
-        stderr=stderr_path.read_text(errors="replace"),
-        exchanges=recorder.exchanges(),
-    )
+        await relay.run(argv, cwd=project, env=env, timeout_s=timeout_s)
+    return CodexRun(mode=mode, prompt=prompt, **relay.outcome())
 
 
 # -- reading the wire --------------------------------------------------------------------------
 
 
-def logged_texts(log_text: str) -> dict[str, str]:
-    """response id -> generated text, from the server's debug lines."""
-    texts = {}
-    for match in TEXT_LINE.finditer(log_text):
-        with contextlib.suppress(ValueError, SyntaxError):
-            texts[match.group(1)] = ast.literal_eval(match.group(2))
-    return texts
-
-
-def stream_events(exchange: Exchange) -> list[dict]:
-    """Each SSE event's JSON data (``event:`` name kept as ``_event``); unparseable data kept."""
-    out = []
-    for event in exchange.sse_events():
-        try:
-            data = json.loads(event.data)
-        except ValueError:
-            data = {"unparseable": event.data}
-        if not isinstance(data, dict):
-            data = {"value": data}
-        out.append({"_event": event.name, **data})
-    return out
-
-
 def is_progress(event: dict) -> bool:
     """A prefill progress event, whatever form the server chose (not response.in_progress)."""
-    names = [event.get("_event"), event.get("type")]
-    return any(
-        isinstance(n, str) and "progress" in n and n != "response.in_progress" for n in names
-    )
+    return harness.is_progress(event, not_named=("response.in_progress",))
 
 
 def _output_items(events: list[dict]) -> list[dict]:
@@ -360,13 +271,9 @@ def _response_id(events: list[dict]) -> str | None:
 def describe(exchange: Exchange, texts: dict[str, str]) -> dict:
     """What one POST /v1/responses carried and got back."""
     body = exchange.request_json() or {}
-    events = stream_events(exchange) if exchange.status == 200 else []
+    events = harness.stream_events(exchange) if exchange.status == 200 else []
     items = _output_items(events)
     response_id = _response_id(events)
-    error_body = None
-    if exchange.status != 200:
-        with contextlib.suppress(ValueError):
-            error_body = json.loads(exchange.response_body)
     return {
         "target": exchange.target,
         "status": exchange.status,
@@ -389,7 +296,7 @@ def describe(exchange: Exchange, texts: dict[str, str]) -> dict:
         "event_types": [e.get("type") or e.get("_event") for e in events],
         "progress_events": sum(is_progress(e) for e in events),
         "error_events": [e for e in events if e.get("type") in ERROR_EVENTS],
-        "error_body": error_body,
+        "error_body": harness.error_body(exchange),
         "response_id": response_id,
         "function_calls": [
             {"call_id": i.get("call_id"), "name": i.get("name"), "arguments": i.get("arguments")}
@@ -409,21 +316,15 @@ def _responses_exchanges(run: CodexRun) -> list[Exchange]:
     ]
 
 
+def _waiting(request: dict) -> bool:
+    return bool(request["response_id"]) and request["logged_text"] is None
+
+
 def verdict(run: CodexRun, server_log: Path) -> dict:
     """The report: every check that failed is a reason; ok when there is none."""
     exchanges = _responses_exchanges(run)
-    # The server writes its text line as the stream ends; give the log a moment to catch up.
-    deadline = time.monotonic() + 10
-    while True:
-        texts = logged_texts(server_log.read_text(errors="replace"))
-        requests = [describe(e, texts) for e in exchanges]
-        waiting = [r for r in requests if r["response_id"] and r["logged_text"] is None]
-        if time.monotonic() > deadline or not waiting:
-            break
-        time.sleep(0.2)
-    reasons = []
-    if run.timed_out:
-        reasons.append(f"codex did not finish in time ({run.seconds} s)")
+    requests = read_back(server_log, exchanges, describe, waiting=_waiting, line=ANY_TEXT_LINE)
+    reasons = harness.timeout_reasons("codex", run)
     others = sorted({e.target for e in run.exchanges} - {e.target for e in exchanges})
     if not requests:
         reasons.append(f"no POST /v1/responses among {len(run.exchanges)} request(s): {others}")
@@ -431,25 +332,12 @@ def verdict(run: CodexRun, server_log: Path) -> dict:
         reasons += _overflow_reasons(run, requests)
     else:
         reasons += _answer_reasons(run, requests)
-    return {
-        "ok": not reasons,
-        "reasons": reasons,
-        "mode": run.mode,
-        "prompt": run.prompt,
-        "returncode": run.returncode,
-        "timed_out": run.timed_out,
-        "seconds": run.seconds,
-        "stdout": run.stdout,
-        "stderr_tail": run.stderr[-4000:],
-        "other_requests": others,
-        "requests": requests,
-    }
+    head = {"mode": run.mode, "prompt": run.prompt}
+    return harness.report(run, reasons, head, {"other_requests": others, "requests": requests})
 
 
 def _answer_reasons(run: CodexRun, requests: list[dict]) -> list[str]:
-    reasons = []
-    if not run.timed_out and run.returncode != 0:
-        reasons.append(f"codex exited with {run.returncode}")
+    reasons = harness.exit_reasons("codex", run)
     for r in requests:
         # Not r["complete"]: Codex may hang up as soon as it has read response.completed, so
         # the relay can miss the chunked body's last bytes.
@@ -460,26 +348,10 @@ def _answer_reasons(run: CodexRun, requests: list[dict]) -> list[str]:
         if r["status"] == 200 and "response.completed" not in r["event_types"]:
             reasons.append(f"a stream had no response.completed: {r['event_types']}")
     final = requests[-1]
-    text = final["logged_text"]
-    if final["response_id"] is None:
-        reasons.append("the last stream carried no response id")
-    elif text is None:
-        reasons.append(f"no server log line for the last stream ({final['response_id']})")
-    elif not text.strip():
-        reasons.append("the server generated an empty answer: nothing to find in the output")
-    elif normalized(text) not in normalized(run.stdout):
-        reasons.append("codex's output does not contain the text the server generated")
-    headers = {r["progress_header"] for r in requests}
-    if run.mode == "progress":
-        if headers != {"true"}:
-            reasons.append(f"a request lacked the {PROGRESS_HEADER} header: {headers}")
-        if requests[0]["progress_events"] < 1:
-            reasons.append("the first stream held no prefill progress event")
-    else:
-        if headers != {None}:
-            reasons.append(f"a request carried the {PROGRESS_HEADER} header unasked")
-        if any(r["progress_events"] for r in requests):
-            reasons.append("a stream held progress events nobody asked for")
+    reasons += harness.last_answer_reasons(
+        "codex", run, final, id_key="response_id", id_name="response"
+    )
+    reasons += harness.progress_reasons(run.mode == "progress", requests)
     if run.mode == "tool":
         reasons += _tool_reasons(requests)
     return reasons
@@ -535,7 +407,7 @@ def _overflow_reasons(run: CodexRun, requests: list[dict]) -> list[str]:
 # -- a hand-written Responses stream, to check the harness without trioserve ------------------
 
 
-class FakeResponses:
+class FakeResponses(harness.FakeServer):
     """The smallest ``/v1/responses`` streams Codex accepts, plus the progress form we expect.
 
     A request whose input has a ``function_call_output`` gets a text answer quoting the
@@ -546,49 +418,8 @@ class FakeResponses:
 
     ANSWER = "The capital of France is Paris."
 
-    def __init__(self, log_path: Path) -> None:
-        self.log_path = log_path
-        self.count = 0
-        self.lock = threading.Lock()
-        self.httpd: ThreadingHTTPServer | None = None
-
-    def __enter__(self) -> FakeResponses:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                raw = self.rfile.read(int(self.headers.get("content-length") or 0))
-                progress = (self.headers.get(PROGRESS_HEADER) or "").lower() == "true"
-                status, body, ctype = fake.answer(raw, progress)
-                self.send_response(status)
-                self.send_header("content-type", ctype)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        assert self.httpd is not None
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    @property
-    def url(self) -> str:
-        assert self.httpd is not None
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def answer(self, raw: bytes, progress: bool) -> tuple[int, bytes, str]:
-        with self.lock:
-            self.count += 1
-            n = self.count
+    def answer(self, path: str, raw: bytes, progress: bool) -> tuple[int, bytes, str]:
+        n = self.next_number()
         body = json.loads(raw)
         if len(raw) > 30_000:
             error = {
@@ -616,9 +447,7 @@ class FakeResponses:
             }
         else:
             item = _message(n, self.ANSWER)
-        text = _message_text([item])
-        with self.log_path.open("a") as log:
-            log.write(f"DEBUG fake: request {n} (resp_fake{n}) text: {text!r}\n")
+        self.log_text(n, f"resp_fake{n}", _message_text([item]))
         return 200, _stream(n, body.get("model"), item, progress).encode(), "text/event-stream"
 
 
@@ -677,59 +506,32 @@ def _stream(n: int, model: str | None, item: dict, progress: bool) -> str:
 
 def request_fixture(exchange: Exchange, scratch: Path) -> dict:
     """One request as JSON, the scratch folder's path and the relay's port made neutral."""
-    text = exchange.request_body.decode("utf-8", errors="replace")
-    text = text.replace(str(scratch), "/scratch")
-    headers = dict(exchange.request_headers)
-    headers["host"] = "127.0.0.1:PORT"
-    return {
-        "method": exchange.method,
-        "target": exchange.target,
-        "headers": headers,
-        "body": json.loads(text),
-    }
+    return harness.request_fixture(exchange, _neutral(scratch))
+
+
+def _neutral(scratch: Path) -> list[tuple[str, str]]:
+    return [(str(scratch), "/scratch")]
 
 
 def save_requests(run: CodexRun, scratch: Path, folder: Path) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i, exchange in enumerate(_responses_exchanges(run)):
-        path = folder / f"{run.mode}_request_{i + 1}.json"
-        path.write_text(json.dumps(request_fixture(exchange, scratch), indent=2) + "\n")
-        names.append(str(path))
-    return names
+    return harness.save_requests(_responses_exchanges(run), run.mode, folder, _neutral(scratch))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=MODES, default="plain")
-    parser.add_argument("--server", help="a running trioserve, e.g. http://127.0.0.1:8080")
-    parser.add_argument("--server-log", type=Path, help="its log, written with --log-level debug")
-    parser.add_argument("--fake", action="store_true", help="a hand-written Responses stream")
+    harness.add_target_args(parser, fake_help="a hand-written Responses stream")
     parser.add_argument("--timeout", type=float, default=180, help="seconds (default 180)")
     parser.add_argument("--scratch", type=Path, help="HOME, CODEX_HOME and project (kept)")
     parser.add_argument("--prompt", help="instead of the mode's prompt")
     parser.add_argument("--save-requests", type=Path, metavar="DIR", help="write them as JSON")
     args = parser.parse_args(argv)
-    if bool(args.server) != bool(args.server_log):
-        parser.error("--server and --server-log go together")
-    if args.fake and args.server:
-        parser.error("--fake or --server, not both")
-    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="trioserve-codex-"))
-    scratch.mkdir(parents=True, exist_ok=True)
+    harness.check_target_args(parser, args)
+    scratch = harness.scratch_folder(args.scratch, "trioserve-codex-")
     with contextlib.ExitStack() as stack:
-        if args.server:
-            url, log_path = args.server, args.server_log
-        elif args.fake:
-            log_path = scratch / "fake.log"
-            log_path.touch()
-            url = stack.enter_context(FakeResponses(log_path)).url
-        else:
-            server = start_codex_server(scratch, cwd=ROOT, die_with_parent=True)
-            stack.callback(server.stop)
-            url, log_path = server.url, server.log_path
-        port = urlsplit(url).port
-        if urlsplit(url).hostname != "127.0.0.1" or port is None:
-            parser.error("--server must be http://127.0.0.1:PORT")
+        port, log_path = harness.open_target(
+            stack, parser, args, scratch, start=start_codex_server, fake=FakeResponses
+        )
         run = trio.run(
             partial(
                 run_codex,
@@ -741,11 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         report = verdict(run, log_path)
-    report["scratch"] = str(scratch)
-    if args.save_requests:
-        report["saved"] = save_requests(run, scratch, args.save_requests)
-    print(json.dumps(report, indent=2))
-    return 0 if report["ok"] else 1
+    saved = save_requests(run, scratch, args.save_requests) if args.save_requests else None
+    return harness.finish(report, scratch, saved)
 
 
 if __name__ == "__main__":

@@ -30,33 +30,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
 import sys
-import tempfile
-import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import trio
 
-from trioserve.testing import running_server
+from trioserve.testing import ServerProcess, serve_argv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recorder import Exchange, Recorder  # noqa: E402
-from serverlog import logged_texts, normalized  # noqa: E402
+import harness  # noqa: E402
+from harness import CONTEXT_LIMIT, MODEL, PROGRESS_HEADER, PROMPT, ClientRun  # noqa: E402
+from recorder import Exchange  # noqa: E402
+from serverlog import read_back  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-OPENCODE = Path(__file__).resolve().parent / "node_modules" / ".bin" / "opencode"
-MODEL = "SmolLM2-135M-Instruct"
-PROMPT = "What is the capital of France?"
+OPENCODE = harness.NODE_BIN / "opencode"
 # The server this starts without --server: debug logs hold the generated text (serverlog.py).
 SERVER_ARGS = ("--log-level", "debug", "--heartbeat-interval", "0.5")
-PROGRESS_HEADER = "X-SwiftLM-Prefill-Progress"
 OUTPUT_LIMIT = 64  # without limit.output OpenCode asks for 32000 tokens
-CONTEXT_LIMIT = 8192  # SmolLM2's max_position_embeddings
 # Denied tools are left out of the request. Those that run commands, write or reach the network
 # must go; task, todowrite and skill go too, for time: their definitions are ~2000 of the ~5200
 # prompt tokens of the agent turn (measured with SmolLM2's template), and prefill on a CPU costs.
@@ -107,79 +98,43 @@ def opencode_env(scratch: Path, project: Path) -> dict[str, str]:
         "XDG_STATE_HOME": scratch / "xdg" / "state",
         "TMPDIR": scratch / "tmp",
     }
-    for path in dirs.values():
-        path.mkdir(parents=True, exist_ok=True)
-    return {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "LANG": "C.UTF-8",
-        **{name: str(path) for name, path in dirs.items()},
-        "PWD": str(project),  # OpenCode finds its project (and opencode.json) from $PWD
-        "OPENCODE_DISABLE_AUTOUPDATE": "1",
-        "OPENCODE_DISABLE_MODELS_FETCH": "1",
-        "OPENCODE_DISABLE_SHARE": "1",
-        "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
-        "npm_config_offline": "true",
-        "NO_COLOR": "1",
-    }
+    return harness.scratch_env(
+        dirs,
+        PWD=str(project),  # OpenCode finds its project (and opencode.json) from $PWD
+        OPENCODE_DISABLE_AUTOUPDATE="1",
+        OPENCODE_DISABLE_MODELS_FETCH="1",
+        OPENCODE_DISABLE_SHARE="1",
+        OPENCODE_DISABLE_LSP_DOWNLOAD="1",
+        npm_config_offline="true",
+    )
 
 
-@dataclass
-class OpenCodeRun:
-    returncode: int | None
-    timed_out: bool
-    seconds: float
-    stdout: str
-    stderr: str
-    exchanges: list[Exchange] = field(default_factory=list)
+def start_opencode_server(folder: Path, **options) -> ServerProcess:
+    """``trioserve serve SERVER_ARGS`` on a free port, logging to ``folder/server.log``."""
+    return harness.start_logged_server(folder, _launch, **options)
 
 
-async def _kill_group(process: trio.Process) -> None:
-    """OpenCode may start helpers: end its whole process group (it has its own session)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+def _launch(port: int) -> tuple[list[str], None]:
+    return serve_argv(port, *SERVER_ARGS), None
+
+
+OpenCodeRun = ClientRun  # OpenCode's run holds nothing of its own
 
 
 async def run_opencode(
     upstream_port: int, scratch: Path, *, progress: bool, timeout_s: float, prompt: str = PROMPT
 ) -> OpenCodeRun:
     """One ``opencode run`` with the prompt on stdin, talking to the server through a Recorder."""
-    if not os.access(OPENCODE, os.X_OK):
-        raise FileNotFoundError(f"{OPENCODE} is missing: run tools/setup_e2e.sh")
+    harness.require_client(OPENCODE)
     project = scratch / "project"
     project.mkdir(parents=True, exist_ok=True)
     env = opencode_env(scratch, project)
-    recorder = Recorder(upstream_port)
-    stdout_path, stderr_path = scratch / "opencode.stdout", scratch / "opencode.stderr"
-    returncode = None
-    started = time.monotonic()
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(recorder.serve)
-        config = opencode_config(f"http://127.0.0.1:{port}/v1", progress)
+    async with harness.relayed(upstream_port, scratch / "opencode") as relay:
+        config = opencode_config(f"http://127.0.0.1:{relay.port}/v1", progress)
         (project / "opencode.json").write_text(json.dumps(config, indent=2))
         argv = [str(OPENCODE), "run", "--print-logs", "--log-level", "INFO"]
-        with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-            with trio.move_on_after(timeout_s) as deadline:
-                done = await trio.run_process(
-                    argv,
-                    stdin=prompt.encode(),
-                    stdout=out,
-                    stderr=err,
-                    check=False,
-                    cwd=project,
-                    env=env,
-                    start_new_session=True,
-                    deliver_cancel=_kill_group,
-                )
-                returncode = done.returncode
-        nursery.cancel_scope.cancel()
-    return OpenCodeRun(
-        returncode=returncode,
-        timed_out=deadline.cancelled_caught,
-        seconds=round(time.monotonic() - started, 1),
-        stdout=stdout_path.read_text(errors="replace"),
-        stderr=stderr_path.read_text(errors="replace"),
-        exchanges=recorder.exchanges(),
-    )
+        await relay.run(argv, cwd=project, env=env, timeout_s=timeout_s, stdin=prompt.encode())
+    return OpenCodeRun(**relay.outcome())
 
 
 def _describe(exchange: Exchange, texts: dict[str, str]) -> dict:
@@ -211,31 +166,17 @@ def _describe(exchange: Exchange, texts: dict[str, str]) -> dict:
 def verdict(run: OpenCodeRun, server_log: Path, *, progress: bool) -> dict:
     """The report: every check that failed is a reason; ok when there is none."""
     chats = [e for e in run.exchanges if e.target.endswith("/chat/completions")]
-    # The server writes its text line as the stream ends; give the log a moment to catch up.
-    deadline = time.monotonic() + 10
-    while True:
-        texts = logged_texts(server_log.read_text(errors="replace"))
-        requests = [_describe(e, texts) for e in chats]
-        if time.monotonic() > deadline or all(r["logged_text"] is not None for r in requests):
-            break
-        time.sleep(0.2)
-    reasons = []
-    if run.timed_out:
-        reasons.append(f"opencode did not finish in time ({run.seconds} s)")
-    elif run.returncode != 0:
-        reasons.append(f"opencode exited with {run.returncode}")
+    requests = read_back(server_log, chats, _describe, waiting=lambda r: r["logged_text"] is None)
+    reasons = harness.timeout_reasons("opencode", run) + harness.exit_reasons("opencode", run)
     agent = [r for r in requests if r["tools"]]
     if not agent:
         reasons.append(f"no chat request with tools among {len(requests)} chat request(s)")
     else:
         turn = agent[-1]
-        text = turn["logged_text"]
-        if text is None:
-            reasons.append(f"no server log line for the agent turn's stream (ids {turn['ids']})")
-        elif not text.strip():
-            reasons.append("the server generated an empty answer: nothing to find in the output")
-        elif normalized(text) not in normalized(run.stdout):
-            reasons.append("opencode's output does not contain the text the server generated")
+        missing = f"no server log line for the agent turn's stream (ids {turn['ids']})"
+        reasons += harness.shown_text_reasons(
+            "opencode", turn["logged_text"], run.stdout, missing=missing
+        )
         if progress and turn["progress_events"] < 1:
             reasons.append("the agent turn's stream held no prefill_progress event")
     for r in requests:
@@ -243,42 +184,23 @@ def verdict(run: OpenCodeRun, server_log: Path, *, progress: bool) -> dict:
             reasons.append(f"an error chunk reached the client: {r['error_chunks'][0]}")
         if progress and (r["progress_header"] or "").lower() != "true":
             reasons.append(f"a chat request lacked the {PROGRESS_HEADER} header")
-    return {
-        "ok": not reasons,
-        "reasons": reasons,
-        "progress": progress,
-        "returncode": run.returncode,
-        "timed_out": run.timed_out,
-        "seconds": run.seconds,
-        "stdout": run.stdout,
-        "stderr_tail": run.stderr[-4000:],
-        "requests": requests,
-    }
+    return harness.report(run, reasons, {"progress": progress}, {"requests": requests})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", help="a running trioserve, e.g. http://127.0.0.1:8080")
-    parser.add_argument("--server-log", type=Path, help="its log, written with --log-level debug")
+    harness.add_target_args(parser)
     parser.add_argument("--progress", action="store_true", help=f"send {PROGRESS_HEADER}: true")
     parser.add_argument("--timeout", type=float, default=300, help="seconds (default 300)")
     parser.add_argument("--scratch", type=Path, help="HOME, XDG folders and project (kept)")
     parser.add_argument("--prompt", default=PROMPT)
     args = parser.parse_args(argv)
-    if bool(args.server) != bool(args.server_log):
-        parser.error("--server and --server-log go together")
-    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="trioserve-opencode-"))
-    scratch.mkdir(parents=True, exist_ok=True)
+    harness.check_target_args(parser, args)
+    scratch = harness.scratch_folder(args.scratch, "trioserve-opencode-")
     with contextlib.ExitStack() as stack:
-        if args.server:
-            url, log_path = args.server, args.server_log
-        else:
-            log_path = scratch / "server.log"
-            server = running_server(*SERVER_ARGS, log_path=log_path, cwd=ROOT, die_with_parent=True)
-            url = stack.enter_context(server).url
-        port = urlsplit(url).port
-        if urlsplit(url).hostname != "127.0.0.1" or port is None:
-            parser.error("--server must be http://127.0.0.1:PORT")
+        port, log_path = harness.open_target(
+            stack, parser, args, scratch, start=start_opencode_server
+        )
         run = trio.run(
             partial(
                 run_opencode,
@@ -290,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         report = verdict(run, log_path, progress=args.progress)
-    report["scratch"] = str(scratch)
-    print(json.dumps(report, indent=2))
-    return 0 if report["ok"] else 1
+    return harness.finish(report, scratch)
 
 
 if __name__ == "__main__":
