@@ -39,6 +39,16 @@ MODEL_HELP = (
     "Default: the embedded SmolLM2-135M-Instruct"
 )
 
+SEVERAL_MODELS_HELP = (
+    ". Repeat --model to serve several models, each SOURCE or NAME=SOURCE (NAME is the "
+    "`model` clients send; default: the source's own name). NAME=SOURCE is split at the "
+    "first '=' only when what comes before it is a plain name (letters, digits, '.', '_', "
+    "'-'; no '/' or ':') and the whole value is not an existing path, so "
+    "ollama:qwen2.5:1.5b, owner/name and ./a=b stay sources. With several, the first is "
+    "loaded at start and the others when a request names them (see --max-loaded-models, "
+    "--model-ttl)"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -50,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the HTTP server (the default command)")
-    _add_model_args(serve)
+    _add_model_args(serve, several=True)
     _add_serve_args(serve)
 
     gen = sub.add_parser("generate", help="answer one prompt on the terminal and exit")
@@ -83,12 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, *, several: bool = False) -> None:
     p.add_argument(
         "--model",
         default=None,
-        metavar="MODEL",
-        help=MODEL_HELP,
+        action="append" if several else "store",
+        metavar="[NAME=]MODEL" if several else "MODEL",
+        help=MODEL_HELP + (SEVERAL_MODELS_HELP if several else ""),
     )
     p.add_argument(
         "--dtype",
@@ -246,6 +257,26 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "with an error; a second signal exits at once (default: %(default)s)",
     )
     p.add_argument(
+        "--max-loaded-models",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with several --model: how many may be loaded at once; loading another first "
+        "unloads the least recently used one that no request is using, and waits while every "
+        "loaded one is in use. A load whose weights exceed the free memory (MemAvailable plus "
+        "what the unload frees) is refused with a 503 instead of swapping. Default 1: two "
+        "models rarely fit a small machine, and a reload costs seconds, a swap storm minutes "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--model-ttl",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with several --model: unload a model no request has used for this long; "
+        "0: never (default: %(default)s)",
+    )
+    p.add_argument(
         "--served-model-name",
         default=None,
         metavar="NAME",
@@ -317,8 +348,9 @@ def main(argv: list[str] | None = None, *, worker_factory: Any = None) -> int:
         from trioserve.models.gguf import concrete_dtype, run_convert_cli
 
         return run_convert_cli(args.gguf, args.out_dir, concrete_dtype(args.dtype))
+    several = config is not None and bool(config.models)  # each resolved when it loads
     try:
-        resolved = _resolve(args)
+        resolved = None if several else _resolve(args)
         if getattr(args, "chat_template", None) is not None:  # fail now, not per request
             from trioserve.models.chat_template import read_chat_template
 
@@ -329,6 +361,12 @@ def main(argv: list[str] | None = None, *, worker_factory: Any = None) -> int:
     except Exception as exc:  # one line, no traceback, for every model problem
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if several:
+        from trioserve.server import run_server
+
+        assert config is not None
+        return run_server(config, worker_factory=worker_factory)
+    assert resolved is not None
     if args.command == "prepare":
         print(resolved.path)
         return 0
@@ -344,7 +382,7 @@ def main(argv: list[str] | None = None, *, worker_factory: Any = None) -> int:
     config = replace(
         config,
         model=resolved.path,
-        served_model_name=config.served_model_name or resolved.name,
+        served_model_name=config.served_model_name or _single_name(args) or resolved.name,
     )
     return run_server(config, worker_factory=worker_factory)
 
@@ -357,7 +395,23 @@ def _progress(message: str) -> None:
 def _resolve(args: argparse.Namespace):  # -> ResolvedModel
     from trioserve.models.sources import resolve
 
-    return resolve(getattr(args, "model", None), dtype=args.dtype, progress=_progress)
+    return resolve(_single_entry(args).source, dtype=args.dtype, progress=_progress)
+
+
+def _single_entry(args: argparse.Namespace):  # -> ModelEntry
+    """The one --model of `generate`, `prepare`, or a one-model `serve` (NAME= taken off)."""
+    from trioserve.config import ModelEntry, parse_model_entry
+
+    model = getattr(args, "model", None)
+    if isinstance(model, list):  # serve's --model is repeatable
+        model = model[0] if model else None
+    if model is None or args.command != "serve":
+        return ModelEntry(None, model)
+    return parse_model_entry(model)
+
+
+def _single_name(args: argparse.Namespace) -> str | None:
+    return _single_entry(args).name
 
 
 def _run_generate(args: argparse.Namespace, model_dir: Path) -> int:
@@ -399,6 +453,9 @@ FLAGS = {
     "default_temperature": "--default-temperature",
     "model_aliases": "--model-alias",
     "served_model_name": "--served-model-name",
+    "models": "--model",
+    "max_loaded_models": "--max-loaded-models",
+    "model_ttl_s": "--model-ttl",
     "responses_store_size": "--responses-store-size",
     "responses_store_ttl_s": "--responses-store-ttl",
 }
@@ -410,8 +467,12 @@ def _serve_config(args: argparse.Namespace, model_dir: Path | None = None):  # -
     from trioserve.config import ServerConfig
 
     del model_dir
+    models = list(args.model or [])
     return ServerConfig(
-        model=args.model,
+        model=models[0] if len(models) == 1 else None,
+        models=tuple(models) if len(models) > 1 else (),
+        max_loaded_models=args.max_loaded_models,
+        model_ttl_s=args.model_ttl,
         dtype=args.dtype,
         host=args.host,
         port=args.port,

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 # "auto": float32 on the CPU, "quantized" (kept 4/8-bit where MLX has the kernels) on a GPU.
 DTYPES = ("auto", "float32", "float16", "bfloat16", "quantized")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# NAME in `--model NAME=SOURCE`: what a client sends as `model`. No '/', ':' or '=', so an
+# Ollama source (ollama:qwen2.5:1.5b), a Hub id (owner/name) or a path is never split.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The smallest --ctx-size: a chat template's own markup takes a dozen tokens, so anything
 # below this could not hold a one-word question and its answer.
 MIN_CTX_SIZE = 16
@@ -42,9 +46,18 @@ class ServerConfig:
     ``hypercorn 'trioserve.app:create_app()'`` launch, a ``TRIOSERVE_*`` environment variable.
     """
 
-    # A `--model` value (a directory, a Hub repo id, ollama:NAME, a .gguf file; see
-    # trioserve/models/sources/); None: the embedded SmolLM2-135M-Instruct.
+    # A `--model` value (a directory, a Hub repo id, ollama:NAME, a .gguf file, each
+    # optionally NAME=SOURCE; see trioserve/models/sources/); None: the embedded
+    # SmolLM2-135M-Instruct. One model: loaded at start and never unloaded.
     model: str | Path | None = None
+    # Several models (`--model` repeated), each SOURCE or NAME=SOURCE, in order; the first is
+    # loaded at start, the others on demand (engine/pool.py). Empty: `model` alone is served.
+    models: tuple[str, ...] = ()
+    # With several models: how many may be loaded at once (the least recently used idle one
+    # is unloaded to make room); 1 by default, since two models rarely fit a small machine.
+    max_loaded_models: int = 1
+    # With several models: a model idle (no request) this long is unloaded; 0: never.
+    model_ttl_s: float = 0.0
     dtype: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -92,6 +105,15 @@ class ServerConfig:
     def __post_init__(self) -> None:
         _validate(self)
 
+    def model_entries(self) -> list[ModelEntry]:
+        """The configured models in order: one entry for the single-model configuration."""
+        if self.models:
+            return [parse_model_entry(raw) for raw in self.models]
+        if isinstance(self.model, str):
+            entry = parse_model_entry(self.model)
+            return [ModelEntry(self.served_model_name or entry.name, entry.source)]
+        return [ModelEntry(self.served_model_name, self.model)]
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServerConfig:
         """Read ``TRIOSERVE_<FIELD>`` variables (e.g. TRIOSERVE_PARALLEL=4)."""
@@ -106,12 +128,41 @@ class ServerConfig:
                 values[f.name] = _parse(f.name, raw)
             except ValueError:
                 raise ConfigError(name, f"must be {_kind_words(f.name)}, got {raw!r}") from None
+        several = split_model_list(env.get("TRIOSERVE_MODEL"))
+        if len(several) > 1:  # TRIOSERVE_MODEL="a=./one,b=ollama:two"
+            values["models"], values["model"] = tuple(several), None
         try:
             return cls(**values)
         except ConfigError as exc:
             if exc.field in values:  # name the variable the operator actually set
                 raise ConfigError(f"TRIOSERVE_{exc.field.upper()}", exc.reason) from None
             raise
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One configured model: the name clients ask for (None: the source's own name) and
+    the `--model` source."""
+
+    name: str | None
+    source: str | Path | None
+
+
+def parse_model_entry(raw: str) -> ModelEntry:
+    """`NAME=SOURCE` or `SOURCE`. Split only when the part before the first '=' is a plain
+    name (letters, digits, '.', '_', '-'; no '/', ':' or '=') and the whole text is not an
+    existing path, so `ollama:x:7b`, `owner/name`, `./dir=1` stay sources."""
+    name, sep, source = raw.partition("=")
+    if sep and source and MODEL_NAME.fullmatch(name) and not Path(raw).expanduser().exists():
+        return ModelEntry(name, source)
+    return ModelEntry(None, raw)
+
+
+def split_model_list(raw: str | None) -> list[str]:
+    """`TRIOSERVE_MODEL` as a list: newline- or comma-separated; an existing path is one."""
+    if raw is None or not raw.strip() or Path(raw.strip()).expanduser().exists():
+        return [raw.strip()] if raw and raw.strip() else []
+    return [part.strip() for part in re.split(r"[\n,]", raw) if part.strip()]
 
 
 def truthy(raw: str | None) -> bool:
@@ -152,6 +203,7 @@ def _validate(c: ServerConfig) -> None:
     _non_negative("shutdown_grace_s", c.shutdown_grace_s)
     _at_least("responses_store_size", c.responses_store_size, 0, note="0: keep none")
     _positive("responses_store_ttl_s", c.responses_store_ttl_s)
+    _validate_models(c)
     if not (math.isfinite(c.default_temperature) and 0.0 <= c.default_temperature <= 2.0):
         raise ConfigError(
             "default_temperature", f"must be between 0 and 2, got {c.default_temperature:g}"
@@ -169,6 +221,22 @@ def _validate(c: ServerConfig) -> None:
             raise ConfigError(
                 "allowed_hosts", f"takes host names, not URLs (no scheme or path), got {host!r}"
             )
+
+
+def _validate_models(c: ServerConfig) -> None:
+    _at_least("max_loaded_models", c.max_loaded_models, 1)
+    _non_negative("model_ttl_s", c.model_ttl_s, note="0: never")
+    if not c.models:
+        return
+    if c.model is not None:
+        raise ConfigError("models", "cannot be combined with model; list every model in models")
+    if c.served_model_name is not None and len(c.models) > 1:
+        raise ConfigError(
+            "served_model_name", "names one model; with several, write --model NAME=SOURCE"
+        )
+    for raw in c.models:
+        if not raw.strip():
+            raise ConfigError("models", "must not hold an empty model")
 
 
 def _check_type(name: str, kind: str, value: object) -> None:

@@ -1,5 +1,8 @@
 """Prometheus metrics, one registry per app (nothing global), served at ``/metrics``.
 
+The engine gauges (slots, queue, batch) are read at scrape time; with several models each
+carries a ``model`` label, and ``trioserve_model_loaded{model}`` says which are loaded.
+
 ``RequestObserver`` follows one request's engine events, so the streamed and the
 non-streamed paths record time to first token, inter-token latency, token counts, prefill
 speed and disconnects the same way.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,9 +28,15 @@ _RATE_BUCKETS = (10, 25, 50, 100, 200, 400, 800, 1600, 3200)
 
 
 class Metrics:
-    """The server's metrics. ``engine_stats`` is read at scrape time for the gauges."""
+    """The server's metrics. ``engine_stats`` lists ``(model name, its EngineStats or None
+    while unloaded)``, read at scrape time for the gauges; ``per_model`` labels them."""
 
-    def __init__(self, engine_stats: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        engine_stats: Callable[[], list[tuple[str, Any]]],
+        *,
+        per_model: bool = False,
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -67,20 +77,35 @@ class Metrics:
             buckets=_RATE_BUCKETS,
             registry=r,
         )
-        self._slots_total = Gauge("trioserve_slots", "Slots (parallel sequences)", registry=r)
-        self._slots_busy = Gauge("trioserve_slots_busy", "Slots in use", registry=r)
-        self._queued = Gauge("trioserve_queued_requests", "Requests waiting", registry=r)
-        self._in_batch = Gauge(
-            "trioserve_sequences_in_batch", "Sequences in the model's batch", registry=r
+        labels = ["model"] if per_model else []
+        self._slots_total = Gauge(
+            "trioserve_slots", "Slots (parallel sequences)", labels, registry=r
         )
+        self._slots_busy = Gauge("trioserve_slots_busy", "Slots in use", labels, registry=r)
+        self._queued = Gauge("trioserve_queued_requests", "Requests waiting", labels, registry=r)
+        self._in_batch = Gauge(
+            "trioserve_sequences_in_batch", "Sequences in the model's batch", labels, registry=r
+        )
+        self._loaded = (
+            Gauge("trioserve_model_loaded", "1 while the model is loaded", labels, registry=r)
+            if per_model
+            else None
+        )
+        self._per_model = per_model
         self._engine_stats = engine_stats
 
     def render(self) -> bytes:
-        stats = self._engine_stats()
-        self._slots_total.set(stats.slots_total)
-        self._slots_busy.set(stats.slots_busy)
-        self._queued.set(stats.queue_length)
-        self._in_batch.set(stats.worker.in_batch)
+        for name, stats in self._engine_stats():
+            values = (
+                (stats.slots_total, stats.slots_busy, stats.queue_length, stats.worker.in_batch)
+                if stats is not None
+                else (0, 0, 0, 0)
+            )
+            gauges = (self._slots_total, self._slots_busy, self._queued, self._in_batch)
+            for gauge, value in zip(gauges, values, strict=True):
+                (gauge.labels(model=name) if self._per_model else gauge).set(value)
+            if self._loaded is not None:
+                self._loaded.labels(model=name).set(int(stats is not None and stats.ready))
         return generate_latest(self.registry)
 
     def observer(self) -> RequestObserver:

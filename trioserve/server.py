@@ -1,10 +1,12 @@
 """``trioserve serve``: Hypercorn's Trio worker, in-process, around ``create_app``.
 
 Scope tree: ``trio.run`` → ``serve`` nursery → ``_hypercorn_serve`` (its lifespan nursery owns
-the engine; each connection owns its requests). The first SIGINT/SIGTERM starts a graceful
-shutdown; a second one exits at once. An engine that dies also shuts the server down, with
-exit status 1. Every accepted connection has a write deadline (``trioserve.net``), so a client
-that stops reading can neither pin its connection nor hold up the shutdown.
+the model pool and its engines; each connection owns its requests). The first SIGINT/SIGTERM
+starts a graceful shutdown; a second one exits at once. With one model, an engine that dies
+also shuts the server down, with exit status 1; with several, that model is marked failed and
+the others go on (``api.app.create_app``). Every accepted connection has a write deadline
+(``trioserve.net``), so a client that stops reading can neither pin its connection nor hold up
+the shutdown.
 """
 
 from __future__ import annotations
@@ -71,11 +73,12 @@ async def _serve(config: ServerConfig, worker_factory: WorkerFactory | None = No
     app = create_app(config, on_engine_failure=on_engine_failure, worker_factory=worker_factory)
     state = app.extensions["trioserve"]
     log.info(
-        "trioserve on http://%s:%d/v1 serving %s (%d slot(s))",
+        "trioserve on http://%s:%d/v1 serving %s (%d slot(s)%s)",
         config.host,
         config.port,
-        state.model_id,
+        ", ".join(state.models.names()),
         config.parallel,
+        f" each, at most {config.max_loaded_models} loaded" if state.models.several else "",
     )
     if not _is_loopback(config.host) and not config.api_key:
         log.warning(

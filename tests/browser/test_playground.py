@@ -325,3 +325,27 @@ def test_no_ui_turns_the_page_off(launch):
         assert response.status_code == 404, path
         assert response.json()["error"]["type"] == "not_found_error"
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_the_model_picker_lists_every_model_and_sends_the_pick(browser, launch, model_dir):
+    server = launch("--model", f"a={model_dir}", "--model", f"b={model_dir}", *UI_ARGS)
+    context = browser.new_context(viewport={"width": 1200, "height": 760})
+    try:
+        tab = context.new_page()
+        posts = []
+        tab.on("request", lambda r: posts.append(r) if r.method == "POST" else None)
+        tab.goto(server.url + "/")
+        tab.wait_for_selector("body[data-ready=true]")
+        options = "[...document.querySelectorAll('#model option')].map(o => o.textContent)"
+        _wait_until(tab, f"{options}.join() === 'a (loaded),b (unloaded)'", 60)
+        tab.select_option("#model", "b")
+        _set_controls(tab, temperature="0", max_tokens="16")
+        _send(tab, "What is the capital of France?")
+        _wait_answer(tab, 1)
+        assert posts[0].post_data_json["model"] == "b"
+        answer = tab.locator(".message[data-role=assistant]").last.locator(".content")
+        assert "Paris" in answer.inner_text()
+        _wait_until(tab, f"{options}.join() === 'a (unloaded),b (loaded)'", 10)  # max 1 loaded
+        assert tab.inner_text("#model-name") == "b"
+    finally:
+        context.close()

@@ -1,8 +1,9 @@
 """``create_app``: the Quart-Trio application, its error handling, auth and CORS.
 
-The engine is a task of the lifespan nursery (``app.nursery``), the server-owned scope that
-outlives every request: it starts when serving starts and is cancelled, worker thread and
-all, when serving stops. ``/health`` answers 503 until the model is loaded.
+The model pool (``engine/pool.py``) is a task of the lifespan nursery (``app.nursery``), the
+server-owned scope that outlives every request: it starts when serving starts and is
+cancelled, every model's engine and worker thread with it, when serving stops. With one
+model, ``/health`` answers 503 until it is loaded; with several, 200 once the pool runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -31,10 +33,12 @@ from trioserve.api.errors import (
     Unauthorized,
     as_api_error,
 )
+from trioserve.api.models import REQUEST_END_KEY
 from trioserve.api.routes import routes
 from trioserve.api.state import AppState, app_state
-from trioserve.config import ServerConfig
+from trioserve.config import ConfigError, ModelEntry, ServerConfig
 from trioserve.drain import Drain
+from trioserve.engine.pool import ModelFacts, ModelPool, ServedModel
 from trioserve.engine.scheduler import Engine, EngineConfig, WorkerFactory
 from trioserve.metrics import Metrics
 from trioserve.models.chat_template import read_chat_template
@@ -56,54 +60,61 @@ def create_app(
     """Build the app. With no arguments, configure from ``TRIOSERVE_*`` environment variables
     (the ``hypercorn --worker-class trio 'trioserve.app:create_app()'`` launch).
 
-    When the engine stops on an error, every outstanding request fails with its cause,
-    ``/health`` and every later request answer 503 with it, and ``on_engine_failure`` is
-    called with it (``trioserve serve`` then shuts down and exits with status 1). Without a
-    callback (the Hypercorn factory) the process keeps answering 503 so that a supervisor
-    watching ``/health`` can restart it; the engine is not restarted in-process, since a
-    fault that killed it once would likely kill it again.
+    One model (``config.model``): it is resolved here and loaded when serving starts. When its
+    engine stops on an error, every outstanding request fails with its cause, ``/health`` and
+    every later request answer 503 with it, and ``on_engine_failure`` is called with it
+    (``trioserve serve`` then shuts down and exits with status 1). Without a callback (the
+    Hypercorn factory) the process keeps answering 503 so that a supervisor watching
+    ``/health`` can restart it; the engine is not restarted in-process, since a fault that
+    killed it once would likely kill it again. ``engine`` replaces that model's engine.
+
+    Several models (``config.models``): the first is loaded when serving starts, the others
+    on a request's demand (``engine/pool.py``). A model whose engine fails, or that cannot be
+    resolved or loaded, becomes ``failed``: its requests get 503 with the cause, ``/health``
+    and ``/v1/models`` show it, the other models go on serving, the server does not exit and
+    ``on_engine_failure`` is not called, and the model is not loaded again in-process (for
+    the same reason as above; restart the server to retry it).
+
     ``worker_factory`` replaces the MLX worker (tests: fault injection at real seams).
     """
-    from trioserve.models.loading import load_model, model_context_length, model_vocab_size
-    from trioserve.models.sources import resolve
-
     config = config or ServerConfig.from_env()
     # Read once: a bad file fails the start, and requests do no file I/O.
     chat_template = (
         read_chat_template(config.chat_template) if config.chat_template is not None else None
     )
-    # `trioserve serve` passes the directory it resolved; the Hypercorn factory launch
-    # (TRIOSERVE_MODEL) resolves here, converting on first use with its steps on stderr.
-    resolved = resolve(config.model, dtype=config.dtype, progress=_progress)
-    model_dir = resolved.path
-    if engine is None:
-        extra = {"worker_factory": worker_factory} if worker_factory is not None else {}
-        engine = Engine(
-            EngineConfig(
-                load=lambda: _load_on_worker(load_model, model_dir),
-                parallel=config.parallel,
-                prefill_step_size=config.prefill_step_size,
-                solo_prefill_step_size=config.solo_prefill_step_size,
-                max_queue=config.max_queue,
-                queue_timeout_s=config.queue_timeout_s,
-                prefix_cache_bytes=config.prefix_cache_mb * 1024 * 1024,
-                **extra,
-            )
-        )
-    model_id = config.served_model_name or resolved.name
+
+    def build_engine(facts: ModelFacts) -> Engine:
+        return _build_engine(config, facts, worker_factory)
+
+    entries = config.model_entries()
+    if len(entries) == 1:
+        # `trioserve serve` passes the directory it resolved; the Hypercorn factory launch
+        # (TRIOSERVE_MODEL) resolves here, converting on first use with its steps on stderr.
+        resolved = _resolve(config, entries[0].source)
+        facts = _inspect(resolved.path)
+        served = ServedModel(entries[0].name or resolved.name, entries[0].source, facts=facts)
+        served.engine = engine or build_engine(facts)
+        models = [served]
+    else:
+        models = _several_models(entries)
+    pool = ModelPool(
+        models,
+        build_engine=build_engine,
+        resolve=lambda spec: _inspect(_resolve(config, spec).path),
+        max_loaded=config.max_loaded_models,
+        ttl_s=config.model_ttl_s,
+        on_failure=on_engine_failure if len(models) == 1 else None,
+    )
     app = QuartTrio("trioserve", static_folder=None)  # /static/ is the playground's (web/)
     app.config["RESPONSE_TIMEOUT"] = None  # streams end when generation does, not at 60 s
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.extensions["trioserve"] = AppState(
         config=config,
-        engine=engine,
-        model_id=model_id,
-        context_length=model_context_length(model_dir),
+        models=pool,
         created=int(time.time()),
         drain=Drain(config.shutdown_grace_s),
-        metrics=Metrics(engine.stats),
+        metrics=Metrics(lambda: [(m.name, m.stats()) for m in pool.models], per_model=pool.several),
         chat_template=chat_template,
-        vocab_size=model_vocab_size(model_dir),
         responses=ResponseStore(config.responses_store_size, config.responses_store_ttl_s),
     )
     app.register_blueprint(routes)
@@ -113,10 +124,83 @@ def create_app(
         app.register_blueprint(web)  # the playground at /; its paths need no API key
     _install_error_handlers(app)
     _install_auth_and_cors(app, config)
+    app.asgi_app = _run_callbacks_at_request_end(app.asgi_app)  # type: ignore[method-assign]
 
     @app.before_serving
-    async def start_engine() -> None:
-        app.nursery.start_soon(_run_engine, app.extensions["trioserve"], on_engine_failure)
+    async def start_models() -> None:
+        await app.nursery.start(pool.run)
+
+    return app
+
+
+def _several_models(entries: list[ModelEntry]) -> list[ServedModel]:
+    from trioserve.models.sources import default_name
+
+    models: list[ServedModel] = []
+    for entry in entries:
+        name = entry.name or default_name(entry.source)
+        if any(m.name == name for m in models):
+            raise ConfigError(
+                "models", f"serve two models as {name!r}; name them apart with NAME=SOURCE"
+            )
+        models.append(ServedModel(name, entry.source))
+    return models
+
+
+def _resolve(config: ServerConfig, spec: str | Path | None):  # -> ResolvedModel
+    from trioserve.models.sources import resolve
+
+    return resolve(spec, dtype=config.dtype, progress=_progress)
+
+
+def _inspect(model_dir: Path) -> ModelFacts:
+    """What requests need to know of a resolved model, read once from its directory."""
+    from trioserve.engine.model_memory import weight_bytes
+    from trioserve.models.loading import model_context_length, model_vocab_size
+
+    return ModelFacts(
+        path=model_dir,
+        context_length=model_context_length(model_dir),
+        vocab_size=model_vocab_size(model_dir),
+        weight_bytes=weight_bytes(model_dir),
+    )
+
+
+def _build_engine(
+    config: ServerConfig, facts: ModelFacts, worker_factory: WorkerFactory | None
+) -> Engine:
+    from trioserve.models.loading import load_model
+
+    extra = {"worker_factory": worker_factory} if worker_factory is not None else {}
+    return Engine(
+        EngineConfig(
+            load=lambda: _load_on_worker(load_model, facts.path),
+            parallel=config.parallel,
+            prefill_step_size=config.prefill_step_size,
+            solo_prefill_step_size=config.solo_prefill_step_size,
+            max_queue=config.max_queue,
+            queue_timeout_s=config.queue_timeout_s,
+            prefix_cache_bytes=config.prefix_cache_mb * 1024 * 1024,
+            **extra,
+        )
+    )
+
+
+def _run_callbacks_at_request_end(asgi_app: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap the ASGI app: callbacks a request registered (``api.models.at_request_end``)
+    run when its HTTP exchange is over, however it ended, its streamed body included."""
+
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        if scope["type"] != "http":
+            await asgi_app(scope, receive, send)
+            return
+        callbacks: list[Callable[[], None]] = []
+        scope[REQUEST_END_KEY] = callbacks  # type: ignore[typeddict-unknown-key]
+        try:
+            await asgi_app(scope, receive, send)
+        finally:
+            for callback in callbacks:
+                callback()
 
     return app
 
@@ -131,17 +215,6 @@ def _load_on_worker(load: Callable[[Path], Any], model_dir: Path) -> Any:
 
     log_blas_report(logging.getLogger("trioserve"))
     return load(model_dir)
-
-
-async def _run_engine(state: AppState, on_failure: Callable[[str], None] | None) -> None:
-    try:
-        await state.engine.run()
-    except Exception:
-        # Engine.run failed every outstanding request and keeps the cause in
-        # engine.failure: /health and every later request show it. Never silent.
-        log.critical("%s", state.engine.failure, exc_info=True)
-        if on_failure is not None:
-            on_failure(state.engine.failure or "the model engine stopped")
 
 
 def _error_response(err: ApiError) -> Response:

@@ -4,13 +4,15 @@ A dialect (``api/dialects/``) parses its body into a ``NeutralRequest`` and supp
 ``Renderer``; from there this is the same for all: templating, tool planning and grammar
 compilation in one worker thread (``prepare``, never on the Trio thread, which serves every
 stream at once), the context clamp, admission, the run against the engine
-(``streaming.session``), the stream (``streaming.stream``) or the whole body.
+(``streaming.session``), the stream (``streaming.stream``) or the whole body. The model is
+the one the request named (``api.models.pick``), leased for the whole generation.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +27,7 @@ from trioserve.api.errors import (
     RateLimited,
     ServiceUnavailable,
 )
+from trioserve.api.models import acquire
 from trioserve.api.state import AppState, app_state
 from trioserve.api.tooling import (
     ChatPlan,
@@ -34,7 +37,8 @@ from trioserve.api.tooling import (
 )
 from trioserve.engine.events import Event
 from trioserve.engine.params import GenerationRequest
-from trioserve.engine.scheduler import EngineNotReady, QueueFull
+from trioserve.engine.pool import ServedModel
+from trioserve.engine.scheduler import Engine, EngineNotReady, QueueFull
 from trioserve.models.chat_template import (
     PromptError,
     chat_prompt_tokens,
@@ -63,43 +67,56 @@ class _Prepared:
 
 
 async def handle_generation(
-    parsed: NeutralRequest, renderer: Renderer, kind: str
+    parsed: NeutralRequest, renderer: Renderer, kind: str, served: ServedModel
 ) -> Response | tuple[dict, int]:
-    """Answer one request of any dialect: a stream or a whole body from ``renderer``."""
+    """Answer one request of any dialect on ``served``: a stream or a whole body from
+    ``renderer``. Waits while that model loads; holds its lease until generation ends."""
     state = app_state()
     if state.drain.draining:
         raise ServiceUnavailable("The server is shutting down.")
-    _admit(state)
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
-    prepared = await trio.to_thread.run_sync(prepare, state, parsed, request_id)
-    gen = prepared.gen
-    log.info(
-        "request %s: %s, %d prompt tokens, max_tokens %d, stream=%s",
-        request_id,
-        kind,
-        len(gen.prompt_tokens),
-        gen.max_tokens,
-        parsed.stream,
-    )
-    _admit(state)  # again, for an early 429: the queue may have filled meanwhile
-    assembler = Assembler(
-        renderer,
-        shaping=prepared.shaping,
-        logprobs=parsed.logprobs,
-        progress=parsed.stream and wants_progress(request.headers),
-    )
-    if parsed.stream:
-        return _stream_response(state, gen, assembler)
-    return await _complete(state, gen, assembler)
+    lease = await acquire(state, served)
+    streaming = False
+    try:
+        engine = _engine(served)
+        _admit(engine)
+        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
+        prepared = await trio.to_thread.run_sync(prepare, state, served, parsed, request_id)
+        gen = prepared.gen
+        log.info(
+            "request %s: %s on %s, %d prompt tokens, max_tokens %d, stream=%s",
+            request_id,
+            kind,
+            served.name,
+            len(gen.prompt_tokens),
+            gen.max_tokens,
+            parsed.stream,
+        )
+        _admit(engine)  # again, for an early 429: the queue may have filled meanwhile
+        assembler = Assembler(
+            renderer,
+            shaping=prepared.shaping,
+            logprobs=parsed.logprobs,
+            progress=parsed.stream and wants_progress(request.headers),
+        )
+        if parsed.stream:
+            response = _stream_response(state, engine, gen, assembler, lease.release)
+            streaming = True  # the body returns the lease when it ends
+            return response
+        return await _complete(state, engine, gen, assembler)
+    finally:
+        if not streaming:
+            lease.release()
 
 
-def prepare(state: AppState, parsed: NeutralRequest, request_id: str) -> _Prepared:
+def prepare(
+    state: AppState, served: ServedModel, parsed: NeutralRequest, request_id: str
+) -> _Prepared:
     """Everything costly before generation: runs in a worker thread (not the MLX one)."""
-    tokenizer = state.engine.tokenizer
+    tokenizer = served.tokenizer
     plan = None
     if parsed.is_chat:  # tools, response_format, reasoning
         plan = plan_chat(parsed, tokenizer, state.chat_template)
-    tokens = _prompt_tokens(state, parsed, plan)
+    tokens = _prompt_tokens(state, served, parsed, plan)
     gen = parsed.generation_request(
         tuple(tokens),
         default_max_tokens=state.config.max_tokens,
@@ -109,7 +126,7 @@ def prepare(state: AppState, parsed: NeutralRequest, request_id: str) -> _Prepar
     # Prompt plus output never exceeds the context: the KV cache per slot stays bounded and
     # no request holds a slot without end. A larger max_tokens is clamped (the answer then
     # ends with finish_reason "length"), as llama.cpp and mlx-lm do, rather than refused.
-    room = context_limit(state) - len(tokens)
+    room = context_limit(state, served) - len(tokens)
     gen = replace(gen, max_tokens=min(gen.max_tokens, room))
     shaping = None
     if plan is not None:
@@ -119,16 +136,24 @@ def prepare(state: AppState, parsed: NeutralRequest, request_id: str) -> _Prepar
     return _Prepared(gen, plan, shaping)
 
 
-def context_limit(state: AppState) -> int:
+def _engine(served: ServedModel) -> Engine:
+    # A leased model keeps its engine until the lease is returned.
+    assert served.engine is not None, f"{served.name} is leased but has no engine"
+    return served.engine
+
+
+def context_limit(state: AppState, served: ServedModel) -> int:
     """Tokens of prompt plus output one request may use: the model's context, or less
     with ``--ctx-size``."""
-    limit = state.context_length
+    limit = served.context_length
     ctx_size = state.config.ctx_size
     return min(limit, ctx_size) if ctx_size else limit
 
 
-def _prompt_tokens(state: AppState, parsed: NeutralRequest, plan: ChatPlan | None) -> list[int]:
-    tokenizer = state.engine.tokenizer
+def _prompt_tokens(
+    state: AppState, served: ServedModel, parsed: NeutralRequest, plan: ChatPlan | None
+) -> list[int]:
+    tokenizer = served.tokenizer
     try:
         if parsed.is_chat and plan is not None:
             messages = parsed.template_messages()
@@ -140,12 +165,12 @@ def _prompt_tokens(state: AppState, parsed: NeutralRequest, plan: ChatPlan | Non
     if not tokens:
         raise BadRequest("The prompt is empty.", param=parsed.prompt_param)
     # Ids past the embedding's rows would read out of bounds (MLX does not check).
-    vocab = min(len(tokenizer), state.vocab_size or len(tokenizer))
+    vocab = min(len(tokenizer), served.vocab_size or len(tokenizer))
     if any(t >= vocab for t in tokens):
         raise BadRequest(
             f"Token ids must be below the vocabulary size {vocab}.", param=parsed.prompt_param
         )
-    limit = context_limit(state)
+    limit = context_limit(state, served)
     if len(tokens) >= limit:
         param = parsed.prompt_param
         raise ContextLengthExceeded(
@@ -156,10 +181,10 @@ def _prompt_tokens(state: AppState, parsed: NeutralRequest, plan: ChatPlan | Non
     return tokens
 
 
-def _admit(state: AppState) -> None:
+def _admit(engine: Engine) -> None:
     """An early 503 or 429 (with Retry-After) before any work; ``engine.admit`` is the bound."""
     try:
-        state.engine.check_admission()
+        engine.check_admission()
     except EngineNotReady as exc:
         raise ServiceUnavailable(
             str(exc) or "The model is still loading.", retry_after_s=2
@@ -170,7 +195,13 @@ def _admit(state: AppState) -> None:
         ) from None
 
 
-def _stream_response(state: AppState, gen: GenerationRequest, assembler: Assembler) -> Response:
+def _stream_response(
+    state: AppState,
+    engine: Engine,
+    gen: GenerationRequest,
+    assembler: Assembler,
+    on_close: Callable[[], None],
+) -> Response:
     options = StreamOptions(
         heartbeat_interval_s=state.config.heartbeat_interval_s,
         keepalive_s=state.config.sse_keepalive_s,
@@ -178,20 +209,20 @@ def _stream_response(state: AppState, gen: GenerationRequest, assembler: Assembl
         drain=state.drain,
         observer=state.metrics.observer(),
     )
-    body = SSEBody(state.engine, gen, assembler, options)
+    body = SSEBody(engine, gen, assembler, options, on_close=on_close)
     response = Response(body, status=200, headers=SSE_HEADERS)
     response.timeout = None  # Quart's RESPONSE_TIMEOUT must never cut a stream
     return response
 
 
 async def _complete(
-    state: AppState, gen: GenerationRequest, assembler: Assembler
+    state: AppState, engine: Engine, gen: GenerationRequest, assembler: Assembler
 ) -> tuple[dict[str, Any], int]:
     async def collect(event: Event) -> None:
         assembler.add(event)
 
     ending = await run_generation(
-        state.engine,
+        engine,
         gen,
         collect,
         drain=state.drain,

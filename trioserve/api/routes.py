@@ -8,8 +8,10 @@ from trioserve.api.dialects.chat import ChunkRenderer, chat_to_neutral, completi
 from trioserve.api.dialects.messages import endpoint as messages
 from trioserve.api.dialects.responses import endpoint as responses
 from trioserve.api.generation import handle_generation
+from trioserve.api.models import model_health, model_object, pick
 from trioserve.api.schemas import parse_chat_request, parse_completion_request
 from trioserve.api.state import app_state
+from trioserve.engine.pool import ServedModel
 from trioserve.metrics import CONTENT_TYPE
 from trioserve.output.chunks import ChunkBuilder
 
@@ -18,14 +20,22 @@ routes = Blueprint("openai", __name__)
 
 @routes.post("/v1/chat/completions")
 async def chat_completions():
-    neutral = chat_to_neutral(parse_chat_request(await request.get_data(cache=False)))
-    return await handle_generation(neutral, _chunk_renderer("chat", neutral), "chat")
+    parsed = parse_chat_request(await request.get_data(cache=False))
+    served = pick(app_state(), parsed.model)
+    neutral = chat_to_neutral(parsed)
+    return await handle_generation(
+        neutral, _chunk_renderer("chat", neutral, served), "chat", served
+    )
 
 
 @routes.post("/v1/completions")
 async def completions():
-    neutral = completion_to_neutral(parse_completion_request(await request.get_data(cache=False)))
-    return await handle_generation(neutral, _chunk_renderer("completion", neutral), "completion")
+    parsed = parse_completion_request(await request.get_data(cache=False))
+    served = pick(app_state(), parsed.model)
+    neutral = completion_to_neutral(parsed)
+    return await handle_generation(
+        neutral, _chunk_renderer("completion", neutral, served), "completion", served
+    )
 
 
 @routes.post("/v1/responses")
@@ -54,21 +64,15 @@ async def messages_count_tokens():
     return await messages.count_tokens(app_state(), await request.get_data(cache=False))
 
 
-def _chunk_renderer(kind, neutral) -> ChunkRenderer:  # kind: "chat" | "completion"
-    builder = ChunkBuilder.new(kind, app_state().model_id)
+def _chunk_renderer(kind, neutral, served: ServedModel) -> ChunkRenderer:  # "chat"|"completion"
+    builder = ChunkBuilder.new(kind, served.name)
     return ChunkRenderer(builder, logprobs=neutral.logprobs, include_usage=neutral.include_usage)
 
 
 @routes.get("/v1/models")
 async def list_models():
     state = app_state()
-    model = {
-        "id": state.model_id,
-        "object": "model",
-        "created": state.created,
-        "owned_by": "trioserve",
-    }
-    return {"object": "list", "data": [model]}
+    return {"object": "list", "data": [model_object(state, m) for m in state.models.models]}
 
 
 @routes.get("/v1/models/<path:model_id>")
@@ -76,14 +80,10 @@ async def get_model(model_id: str):
     from trioserve.api.errors import NotFound
 
     state = app_state()
-    if model_id != state.model_id:
+    served = next((m for m in state.models.models if m.name == model_id), None)
+    if served is None:
         raise NotFound(f"The model '{model_id}' does not exist.", param="model")
-    return {
-        "id": state.model_id,
-        "object": "model",
-        "created": state.created,
-        "owned_by": "trioserve",
-    }
+    return model_object(state, served)
 
 
 @routes.get("/metrics")
@@ -94,16 +94,28 @@ async def metrics():
 
 @routes.get("/health")
 async def health():
+    """One model: as ever (503 until loaded, then 200; 503 with the cause once it failed).
+    Several: 200 while the pool runs, a line per model, and the first model's figures at
+    the top level, where monitors of a single-model server read them."""
     state = app_state()
-    stats = state.engine.stats()
+    pool = state.models
+    default = pool.default
+    stats = default.stats()
     body = {
-        "status": "ok" if stats.ready else ("error" if state.load_error else "loading"),
-        "model": state.model_id,
-        "slots_total": stats.slots_total,
-        "slots_busy": stats.slots_busy,
-        "queue_length": stats.queue_length,
-        "in_batch": stats.worker.in_batch,
+        "model": default.name,
+        "slots_total": stats.slots_total if stats else state.config.parallel,
+        "slots_busy": stats.slots_busy if stats else 0,
+        "queue_length": stats.queue_length if stats else 0,
+        "in_batch": stats.worker.in_batch if stats else 0,
     }
-    if state.load_error:
-        body["error"] = state.load_error
+    if pool.several:
+        ok = pool.running
+        body = {"status": "ok" if ok else "loading", **body}
+        body["models"] = [model_health(state, m) for m in pool.models]
+        return body, 200 if ok else 503
+    assert stats is not None  # one model: its engine exists from the start
+    failure = default.engine.failure if default.engine is not None else None
+    body = {"status": "ok" if stats.ready else ("error" if failure else "loading"), **body}
+    if failure:
+        body["error"] = failure
     return body, 200 if stats.ready else 503

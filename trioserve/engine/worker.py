@@ -28,6 +28,7 @@ from ``BaseException``), and the Trio side fails every outstanding request with 
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import time
@@ -198,6 +199,17 @@ class Worker:
             self._seqs.clear()
             self._by_ticket.clear()
             self._gen.close()
+            self._release_model()
+
+    def _release_model(self) -> None:
+        """Give the weights, the KV caches and MLX's buffer cache back to the system: an
+        unloaded model (engine/pool.py) must free its memory for the next one."""
+        self._gen = None
+        self._model = None
+        self._prefix = PrefixCache(0)
+        gc.collect()  # the prefill gates tie the model's layers to this worker: a cycle
+        mx.clear_cache()
+        release_free_heap()
 
     def _serve_once(self, deliver: Deliver) -> bool:
         events: list[tuple[Ticket, Event]] = []

@@ -15,6 +15,8 @@ client goes, Quart-Trio cancels the handler; ``__aexit__`` cancels the stream nu
 writer leaving ``engine.admit``'s block frees the slot synchronously. The slot is freed as
 soon as generation ends, even if the client has not read the last frames yet, and a client
 that reads nothing for ``send_timeout_s`` while frames wait is dropped (``SendTimeout``).
+``on_close`` (the model's lease, ``api.models``) runs last on the way out, once the stream
+nursery is done: the model cannot be unloaded under a stream.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -75,12 +78,16 @@ class SSEBody(ResponseBody):
         request: GenerationRequest,
         assembler: Assembler,
         options: StreamOptions,
+        *,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self._engine = engine
         self._request = request
         self._assembler = assembler
         self._options = options
         self._stack = contextlib.AsyncExitStack()
+        if on_close is not None:  # e.g. the model's lease: runs last, once the nursery is done
+            self._stack.callback(on_close)
         self._receive: trio.MemoryReceiveChannel[bytes] | None = None
         self._state = _State()
 

@@ -18,6 +18,11 @@ kind             what raises
 ``crash``        a ``BaseException`` (like a pyo3 panic) from the model step: ends the worker
 ===============  ==========================================================================
 
+A slow load, deterministically: while the file named by ``TRIOSERVE_FAULT_LOAD_GATE`` exists,
+a worker that starts waits (at most ``LOAD_GATE_LIMIT_S``) before it loads its model, so a
+test can hold one model "loading" for as long as it needs and end that by deleting the file.
+Models already loaded are not affected.
+
 Two ways to serve the real model with this worker: ``python -m trioserve.testing.faults
 [serve options]`` is ``trioserve serve`` with it, and ``create_app()`` is a Hypercorn factory
 (``hypercorn --worker-class trio 'trioserve.testing.faults:create_app()'``).
@@ -25,7 +30,9 @@ Two ways to serve the real model with this worker: ``python -m trioserve.testing
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from typing import Any
 
 from trioserve.engine.params import GenerationRequest
@@ -33,6 +40,10 @@ from trioserve.engine.worker import Worker
 
 FAULT_KINDS = ("prefill", "decode", "sampler", "detokenizer", "cache-store", "batch", "crash")
 _MARKER = re.compile(r"fault-(" + "|".join(re.escape(k) for k in FAULT_KINDS) + r")\b")
+
+
+LOAD_GATE_ENV = "TRIOSERVE_FAULT_LOAD_GATE"
+LOAD_GATE_LIMIT_S = 120.0  # a test that forgets its gate fails slowly, never hangs
 
 
 class InjectedFault(RuntimeError):
@@ -90,6 +101,14 @@ class _RaisingDetokenizer:
 
 
 class FaultyWorker(Worker):
+    def _run(self, on_ready: Any, deliver: Any) -> None:
+        gate = os.environ.get(LOAD_GATE_ENV)
+        deadline = time.monotonic() + LOAD_GATE_LIMIT_S
+        # On the worker's own thread, before the load: a slow load, as a big model's is.
+        while gate and os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        super()._run(on_ready, deliver)
+
     def _request_processors(self, req: GenerationRequest) -> list[Any]:
         processors = super()._request_processors(req)
         kind = fault_of(req)

@@ -47,6 +47,25 @@ def is_hub_spec(spec: str) -> bool:
     return _HUB_SPEC.fullmatch(spec) is not None
 
 
+def default_name(spec: str | Path | None) -> str:
+    """The name `resolve(spec)` serves the model under, without resolving it (no download,
+    no conversion): what several models are listed as before they are loaded."""
+    from trioserve.models import registry
+
+    if spec is None:
+        return registry.default_model_name()
+    text = str(spec)
+    local = Path(text).expanduser()
+    is_path = local.exists() or isinstance(spec, Path)
+    if not is_path and text.startswith(OLLAMA_PREFIX):
+        return text[len(OLLAMA_PREFIX) :]
+    if not is_path and _HUB_SPEC.fullmatch(text) and not text.startswith(("/", ".", "~")):
+        return text.split("@", 1)[0]  # the repo id, or owner/name/FILE.gguf
+    if local.is_file() or (not local.exists() and local.suffix.lower() == ".gguf"):
+        return local.stem  # a GGUF file (an Ollama blob is reached through ollama:)
+    return local.name or local.resolve().name
+
+
 def resolve(
     spec: str | Path | None,
     dtype: str = "float32",
@@ -91,4 +110,4 @@ def resolve(
     return resolve_local(local, dtype, cache_dir, progress)
 
 
-__all__ = ["OLLAMA_PREFIX", "ResolvedModel", "is_hub_spec", "resolve"]
+__all__ = ["OLLAMA_PREFIX", "ResolvedModel", "default_name", "is_hub_spec", "resolve"]

@@ -173,6 +173,8 @@ function requestBody() {
   };
   const maxTokens = Number.parseInt($("max-tokens").value, 10);
   if (maxTokens > 0) body.max_tokens = maxTokens;
+  const model = $("model").value;
+  if (model) body.model = model; // with several models the server needs it
   return body;
 }
 
@@ -182,7 +184,10 @@ async function send(text) {
   const view = new MessageView("assistant", "");
   view.state = "waiting";
   view.progressBlock.hidden = false;
-  view.progressLabel.textContent = "Sending…";
+  const picked = $("model").selectedOptions[0];
+  const cold = picked && picked.dataset.status !== "loaded";
+  // The server answers once the model is loaded: say why the first token takes a while.
+  view.progressLabel.textContent = cold ? `Loading model ${picked.value}…` : "Sending…";
   const controller = new AbortController();
   current = { controller, view };
   setBusy(true);
@@ -320,8 +325,49 @@ async function refreshServerRate() {
   $("stat-tps").textContent = (((n1 - n0) * 1000) / (t1 - t0)).toFixed(1);
 }
 
+/** The model picker, from /v1/models: every served model with its status. */
+async function refreshModels() {
+  const key = storedKey();
+  let response;
+  try {
+    response = await fetch("/v1/models", {
+      cache: "no-store",
+      headers: key ? { Authorization: `Bearer ${key}` } : {},
+    });
+  } catch {
+    return;
+  }
+  if (!response.ok) return; // 401 until a key is given: keep what is shown
+  renderModels((await response.json()).data ?? []);
+}
+
+function renderModels(models) {
+  const select = $("model");
+  const ids = models.map((m) => m.id);
+  const same =
+    ids.length === select.options.length && ids.every((id, i) => select.options[i].value === id);
+  if (!same) {
+    const kept = select.value;
+    select.replaceChildren(
+      ...ids.map((id) => {
+        const option = document.createElement("option");
+        option.value = id;
+        return option;
+      }),
+    );
+    if (ids.includes(kept)) select.value = kept;
+  }
+  models.forEach((m, i) => {
+    const option = select.options[i];
+    const status = m.status ?? "loaded"; // one model: no status field, loaded once healthy
+    option.dataset.status = status;
+    option.textContent = m.status ? `${m.id} (${m.status})` : m.id;
+  });
+  if (select.value) $("model-name").textContent = select.value;
+}
+
 async function pollHealth() {
-  await Promise.all([refreshHealth(), refreshServerRate()]);
+  await Promise.all([refreshHealth(), refreshServerRate(), refreshModels()]);
   setTimeout(pollHealth, HEALTH_INTERVAL_MS);
 }
 
@@ -337,7 +383,7 @@ function renderHealth(h) {
   pill.textContent =
     h.status === "ok" ? "ready" : h.status === "loading" ? "loading model…" : `error: ${h.error}`;
   pill.title = h.error ?? "";
-  if (h.model) $("model-name").textContent = h.model;
+  if (h.model && !$("model").value) $("model-name").textContent = h.model;
   if (h.slots_total == null) return;
   $("stat-slots").textContent = `${h.slots_busy} / ${h.slots_total}`;
   $("stat-queue").textContent = String(h.queue_length);
@@ -388,6 +434,9 @@ $("temperature").addEventListener("input", (e) => {
 });
 $("temperature-out").textContent = Number($("temperature").value).toFixed(2);
 $("key-cancel").addEventListener("click", () => $("key-dialog").close(""));
+$("model").addEventListener("change", (e) => {
+  $("model-name").textContent = e.target.value;
+});
 
 setBusy(false);
 document.body.dataset.ready = "true";

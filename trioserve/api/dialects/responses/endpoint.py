@@ -17,12 +17,14 @@ from trioserve.api.dialects.responses.render import ResponsesRenderer
 from trioserve.api.dialects.responses.schema import ResponsesRequest, parse_responses_request
 from trioserve.api.errors import NotFound
 from trioserve.api.generation import handle_generation
+from trioserve.api.models import pick
 from trioserve.api.state import AppState
 
 
 async def create_response(state: AppState, raw: bytes) -> Response | tuple[dict, int]:
     req = parse_responses_request(raw)
-    history = None
+    served = pick(state, req.model)  # the store is the server's: a stored turn may continue
+    history = None  # on another model
     if req.previous_response_id is not None:
         stored = state.responses.get(req.previous_response_id)
         if stored is None:
@@ -30,12 +32,12 @@ async def create_response(state: AppState, raw: bytes) -> Response | tuple[dict,
         history = list(stored.conversation)
     mapped = to_neutral(req, history)
     renderer = ResponsesRenderer(
-        model=state.model_id,
+        model=served.name,
         echo=_echo(req),
         tool_names=lambda called: _tool_name(mapped, called),
         on_complete=(lambda final: _store(state, mapped, final)) if req.store else None,
     )
-    return await handle_generation(mapped.neutral, renderer, "responses")
+    return await handle_generation(mapped.neutral, renderer, "responses", served)
 
 
 def get_response(state: AppState, response_id: str) -> dict[str, Any]:
