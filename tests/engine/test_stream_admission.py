@@ -10,7 +10,7 @@ from tests.engine.conftest import chat_request, wait_for
 from trioserve.api.dialects.chat import ChunkRenderer
 from trioserve.output.assembler import Assembler
 from trioserve.output.chunks import ChunkBuilder
-from trioserve.streaming.stream import SSEBody, StreamOptions
+from trioserve.streaming.stream import Generation, SSEBody, StreamOptions
 
 
 async def test_a_stream_that_finds_the_queue_full_ends_with_a_rate_limit_error(open_engine):
@@ -28,7 +28,7 @@ async def test_a_stream_that_finds_the_queue_full_ends_with_a_rate_limit_error(o
             assembler = Assembler(_renderer())
             request = chat_request(engine, "Say hi.")
             with trio.fail_after(30):
-                async with SSEBody(engine, request, assembler, StreamOptions()) as body:
+                async with SSEBody(Generation(engine, request), assembler, StreamOptions()) as body:
                     received = [frame async for frame in body]
             nursery.cancel_scope.cancel()
         stats = await wait_for(engine, lambda s: s.worker.in_batch == 0)

@@ -1,13 +1,15 @@
 """Several models in one real server: the embedded SmolLM2 (its converted float32 directory)
 served under several names, each with an engine of its own. Interleaved answers, LRU
 eviction, idle expiry, a client that leaves while its model loads, unknown names in both
-dialects' shapes, and a loaded model that never waits on another model's load.
+dialects' shapes, a loaded model that never waits on another model's load, and streams that
+wait for their model inside the stream (loading progress, a disconnect, a failed load).
 
 Slow loads are deterministic: the fault-injection server (``python -m trioserve.testing.faults``)
 holds a starting worker before its load while a gate file exists."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ import trio
 
 from trioserve.testing import free_port, serve_argv, start_server
 from trioserve.testing.faults import LOAD_GATE_ENV
+from trioserve.testing.sse import Event, SSEParser
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 TIMEOUT_S = 120
@@ -142,8 +145,8 @@ async def test_a_client_that_leaves_while_its_model_loads_frees_everything(four,
                         async with client.stream(
                             "POST", four.v1 + "/chat/completions", json=body
                         ) as response:
-                            async for _ in response.aiter_bytes():
-                                raise AssertionError("data came while the model loaded")
+                            async for text in response.aiter_text():  # comments only
+                                assert "data:" not in text, "data came while the model loaded"
 
                     nursery.start_soon(stream_c)
                     await wait_status(client, four, "c", "loading")
@@ -216,3 +219,169 @@ async def test_an_idle_model_is_unloaded_after_the_ttl(tmp_path_factory, model_d
             assert "Paris" in await answer(client, server, "a")  # and back on demand
     finally:
         server.stop()
+
+
+PROGRESS = {"X-SwiftLM-Prefill-Progress": "true"}
+
+
+@pytest.fixture(scope="module")
+def waiting(tmp_path_factory, model_dir):
+    """a loaded at start; p, q, r, s loaded on demand while ``hold`` allows; ``bad`` never
+    loads (its source does not exist). Heartbeats every 0.2 s."""
+    hold = tmp_path_factory.mktemp("gate") / "hold-loads"
+    args = (
+        *named(model_dir, "a", "p", "q", "r", "s"),
+        "--model",
+        "bad=/nonexistent/model",
+        "--max-loaded-models",
+        "6",
+        "--heartbeat-interval",
+        "0.2",
+        *COMMON,
+    )
+    server = launch(tmp_path_factory, *args, faults=True, env={LOAD_GATE_ENV: str(hold)})
+    server.hold = hold
+    yield server
+    hold.unlink(missing_ok=True)
+    server.stop()
+
+
+class Reader:
+    """A response's SSE events, read in parts: ``read(until)`` stops after the first event
+    ``until`` accepts; the next ``read`` goes on from there."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._texts = response.aiter_text()
+        self._parser = SSEParser()
+        self._pending: list[Event] = []
+
+    async def read(self, until=None) -> list[Event]:
+        events: list[Event] = []
+        while True:
+            while self._pending:
+                events.append(event := self._pending.pop(0))
+                if until is not None and until(event):
+                    return events
+            try:
+                text = await anext(self._texts)
+            except StopAsyncIteration:
+                return events
+            self._pending += self._parser.feed(text)
+
+
+def is_loading(event: Event) -> bool:
+    return event.name == "prefill_progress" and json.loads(event.data)["status"] == "loading"
+
+
+async def test_a_stream_waiting_for_its_model_gets_loading_progress_then_the_answer(waiting):
+    url = waiting.v1 + "/chat/completions"
+    async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+        waiting.hold.touch()
+        try:
+            body = ask("p", stream=True)
+            async with client.stream("POST", url, json=body, headers=PROGRESS) as response:
+                assert response.status_code == 200  # the headers, while p still loads
+                reader = Reader(response)
+                before = await reader.read(until=is_loading)
+                assert (await statuses(client, waiting))["p"] == "loading"
+                waiting.hold.unlink()
+                after = await reader.read()
+        finally:
+            waiting.hold.unlink(missing_ok=True)
+    events = before + after
+    loading = [json.loads(e.data) for e in events if e.name == "prefill_progress"]
+    loading = [p for p in loading if p["status"] == "loading"]
+    for chunk in loading:  # valid chunks a strict client reads past
+        assert chunk["object"] == "chat.completion.chunk" and chunk["choices"] == []
+        assert chunk["model"] == "p" and chunk["elapsed_seconds"] >= 0
+    data = [e.data for e in events if e.name is None and e.data is not None]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert "Paris" in text
+
+
+async def test_without_the_header_a_waiting_stream_sends_only_comments_before_data(waiting):
+    url = waiting.v1 + "/chat/completions"
+    async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+        waiting.hold.touch()
+        try:
+            async with client.stream("POST", url, json=ask("r", stream=True)) as response:
+                assert response.status_code == 200
+                reader = Reader(response)
+                before = await reader.read(until=lambda e: e.data is None)
+                waiting.hold.unlink()
+                after = await reader.read()
+        finally:
+            waiting.hold.unlink(missing_ok=True)
+    events = before + after
+    assert all(e.name is None for e in events)  # strict clients: no named events at all
+    first_data = next(i for i, e in enumerate(events) if e.data is not None)
+    assert first_data >= 1 and all(e.data is None and e.comments for e in events[:first_data])
+    data = [e.data for e in events if e.data is not None]
+    assert data[-1] == "[DONE]"
+    assert all(isinstance(json.loads(d), dict) for d in data[:-1])
+
+
+async def test_on_messages_a_waiting_stream_pings_before_message_start(waiting):
+    body = {"model": "q", "max_tokens": 16, "messages": QUESTION, "stream": True}
+    async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+        waiting.hold.touch()
+        try:
+            async with client.stream(
+                "POST", waiting.v1 + "/messages", json=body, headers=PROGRESS
+            ) as response:
+                assert response.status_code == 200
+                reader = Reader(response)
+                before = await reader.read(until=lambda e: e.name == "ping")
+                waiting.hold.unlink()
+                after = await reader.read()
+        finally:
+            waiting.hold.unlink(missing_ok=True)
+    names = [e.name for e in before + after if e.data is not None]
+    start = names.index("message_start")
+    assert start >= 1 and set(names[:start]) == {"ping"}  # progress only after message_start
+    assert names[-1] == "message_stop"
+    message_start = json.loads(next(e.data for e in after if e.name == "message_start"))
+    assert message_start["message"]["usage"]["input_tokens"] > 0  # the real prompt's size
+
+
+async def test_a_client_that_leaves_a_waiting_stream_leaves_no_lease(waiting):
+    url = waiting.v1 + "/chat/completions"
+    async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+        waiting.hold.touch()
+        try:
+            with trio.move_on_after(WAIT_S) as waited:
+                body = ask("s", stream=True)
+                async with client.stream("POST", url, json=body, headers=PROGRESS) as response:
+                    assert response.status_code == 200
+                    await Reader(response).read(until=is_loading)
+                # hung up: the stream's scope is cancelled, with the wait for the lease
+            assert not waited.cancelled_caught
+            deadline = time.monotonic() + WAIT_S
+            while (await client.get(waiting.url + "/debug/state")).json()["leases"]:
+                assert time.monotonic() < deadline, "a lease stayed after the client left"
+                await trio.sleep(0.1)
+            assert (await statuses(client, waiting))["s"] == "loading"  # the pool's load goes on
+        finally:
+            waiting.hold.unlink(missing_ok=True)
+        await wait_status(client, waiting, "s", "loaded")
+        state = (await client.get(waiting.url + "/debug/state")).json()
+        assert state["leases"] == 0 and state["requests"] == []
+        assert "Paris" in await answer(client, waiting, "s")
+
+
+async def test_a_model_that_fails_while_a_stream_waits_ends_it_with_an_error_frame(waiting):
+    url = waiting.v1 + "/chat/completions"
+    async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+        async with client.stream("POST", url, json=ask("bad", stream=True)) as response:
+            assert response.status_code == 200  # it was unloaded: the stream waited for it
+            events = await Reader(response).read()
+        data = [e.data for e in events if e.data is not None]
+        assert data[-1] == "[DONE]" and len(data) == 2
+        error = json.loads(data[0])["error"]
+        assert error["code"] == "model_failed" and "'bad'" in error["message"]
+        # Now known failed: the next request's answer is an HTTP error, before any stream.
+        again = await client.post(url, json=ask("bad", stream=True))
+        assert again.status_code == 503 and again.json()["error"]["code"] == "model_failed"
+        assert "Paris" in await answer(client, waiting, "a")  # the others go on

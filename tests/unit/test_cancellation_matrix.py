@@ -22,7 +22,7 @@ from trioserve.engine.params import GenerationRequest
 from trioserve.engine.scheduler import Engine, EngineConfig
 from trioserve.output.assembler import Assembler
 from trioserve.output.chunks import ChunkBuilder
-from trioserve.streaming.stream import SSEBody, StreamOptions
+from trioserve.streaming.stream import Generation, SSEBody, StreamOptions
 from trioserve.testing.fake_worker import FakeCrash, FakeWorker
 
 MOMENTS = ["queued", "prefill", "decode", "finished_unread", "after_done"]
@@ -146,7 +146,7 @@ async def test_cell(moment, cause, autojump_clock, caplog):
             # the writer is done and only the client's reading is left.
             short = moment in ("finished_unread", "after_done")
             request = _request(request_id, max_tokens=10 if short else MAX_TOKENS)
-            body = SSEBody(engine, request, assembler, options)
+            body = SSEBody(Generation(engine, request), assembler, options)
 
             def apply_cause() -> None:
                 if cause == "drain":

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import trio
 
+from trioserve.api.errors import RateLimited, ServiceUnavailable
+from trioserve.api.models import as_api_error, wait_for_lease
+from trioserve.drain import Drain
 from trioserve.engine.events import Failed, Finished
 from trioserve.engine.model_memory import GIB, mem_available
 from trioserve.engine.params import GenerationRequest
@@ -19,7 +23,9 @@ from trioserve.engine.pool import (
     ModelFailed,
     ModelPool,
     ModelState,
+    PoolClosed,
     ServedModel,
+    SlotTimeout,
     UnknownModel,
 )
 from trioserve.engine.scheduler import Engine, EngineConfig
@@ -248,6 +254,107 @@ async def test_one_model_serves_every_name_and_never_waits(nursery):
     await until(lambda: only.state is LOADED)
     await use(models.pool, "whatever")
     assert models.resolved == []
+
+
+async def test_a_wait_for_a_slot_times_out_and_a_load_nobody_waits_for_is_given_up(
+    nursery, autojump_clock
+):
+    models = Models(("a", "b"), max_loaded=1, queue_timeout_s=30.0)
+    await nursery.start(models.pool.run)
+    held = await models.pool.acquire(models["a"])  # the one slot, leased
+    started = trio.current_time()
+    with pytest.raises(SlotTimeout, match="within 30 s") as timed_out:
+        await models.pool.acquire(models["b"])
+    assert trio.current_time() - started >= 30
+    error = as_api_error(timed_out.value)  # what a queue timeout answers
+    assert isinstance(error, RateLimited) and error.code == "queue_timeout"
+    await until(lambda: models["b"].state is UNLOADED)  # its only waiter left: given up
+    assert models["b"].leases == 0 and models["b"].failure is None
+    held.release()
+    await trio.sleep(60)
+    assert (models["a"].state, models["b"].state) == (LOADED, UNLOADED)  # a not evicted
+    await use(models.pool, "b")  # a later request loads it
+
+
+async def test_each_waiter_gets_its_own_slot_timeout_and_the_load_goes_on(nursery, autojump_clock):
+    models = Models(("a", "b"), max_loaded=1, queue_timeout_s=30.0)
+    await nursery.start(models.pool.run)
+    held = await models.pool.acquire(models["a"])
+    outcomes: list[object] = []
+
+    async def wait_b() -> None:
+        try:
+            lease = await models.pool.acquire(models["b"])
+        except SlotTimeout as exc:
+            outcomes.append(exc)
+        else:
+            outcomes.append(lease)
+            lease.release()
+
+    nursery.start_soon(wait_b)
+    await trio.sleep(20)
+    nursery.start_soon(wait_b)  # 20 s later: its own 30 s
+    await until(lambda: outcomes, timeout_s=60)
+    assert isinstance(outcomes[0], SlotTimeout)
+    assert trio.current_time() < 50  # the first one's 30 s, not the second one's
+    assert models["b"].state is LOADING  # somebody still waits: the load stays
+    await trio.sleep(5)
+    held.release()  # at 35 s: the second waiter gets b
+    await until(lambda: len(outcomes) == 2)
+    assert not isinstance(outcomes[1], SlotTimeout)
+    await until(lambda: models["b"].state is LOADED and models["b"].leases == 0)
+
+
+async def test_waiters_are_woken_when_the_pool_closes(nursery):
+    models = Models(max_loaded=2)
+    models.gates["b"] = threading.Event()
+    closing = trio.CancelScope()
+
+    async def run_pool(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with closing:
+            await models.pool.run(task_status=task_status)
+
+    await nursery.start(run_pool)
+    await until(lambda: models["a"].state is LOADED)
+    outcomes: list[BaseException] = []
+
+    async def wait_b() -> None:
+        with pytest.raises(PoolClosed) as closed:
+            await models.pool.acquire(models["b"])
+        outcomes.append(closed.value)
+
+    nursery.start_soon(wait_b)
+    await until(lambda: "b" in models.resolved)  # its load is held in its resolve thread
+    closing.cancel()
+    await until(lambda: bool(outcomes))  # woken at once, not when that thread ends
+    assert models["b"].leases == 0
+    models.gates["b"].set()
+
+
+async def test_the_drains_expiry_ends_a_wait_for_a_load(nursery):
+    models = Models(max_loaded=2)
+    models.gates["b"] = threading.Event()
+    await nursery.start(models.pool.run)
+    drain = Drain(grace_s=1.0)
+    state = SimpleNamespace(drain=drain, models=models.pool)
+    outcomes: list[BaseException] = []
+
+    async def wait_b() -> None:
+        with pytest.raises(ServiceUnavailable) as refused:
+            await wait_for_lease(state, models["b"])
+        outcomes.append(refused.value)
+
+    nursery.start_soon(wait_b)
+    await until(lambda: "b" in models.resolved)
+    drain.begin()
+    await trio.sleep(0.1)
+    assert not outcomes  # like a queued request: it waits through the grace period
+    drain.expire()
+    await until(lambda: bool(outcomes))
+    assert outcomes[0].code == "server_shutdown"
+    assert models["b"].leases == 0
+    models.gates["b"].set()  # the load was the pool's: it completes all the same
+    await until(lambda: models["b"].state is LOADED)
 
 
 def test_mem_available_reads_proc_meminfo(tmp_path):

@@ -103,6 +103,7 @@ def create_app(
         resolve=lambda spec: _inspect(_resolve(config, spec).path),
         max_loaded=config.max_loaded_models,
         ttl_s=config.model_ttl_s,
+        queue_timeout_s=config.queue_timeout_s,
         on_failure=on_engine_failure if len(models) == 1 else None,
     )
     app = QuartTrio("trioserve", static_folder=None)  # /static/ is the playground's (web/)

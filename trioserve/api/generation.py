@@ -5,7 +5,9 @@ A dialect (``api/dialects/``) parses its body into a ``NeutralRequest`` and supp
 compilation in one worker thread (``prepare``, never on the Trio thread, which serves every
 stream at once), the context clamp, admission, the run against the engine
 (``streaming.session``), the stream (``streaming.stream``) or the whole body. The model is
-the one the request named (``api.models.pick``), leased for the whole generation.
+the one the request named (``api.models.pick``), leased for the whole generation. A streamed
+request whose model is still loading (several models) gets its headers at once and waits for
+the lease inside the stream (``streaming.stream.Pending``), its errors then in-stream.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from trioserve.api.errors import (
     RateLimited,
     ServiceUnavailable,
 )
-from trioserve.api.models import acquire
+from trioserve.api.models import acquire, wait_for_lease
 from trioserve.api.state import AppState, app_state
 from trioserve.api.tooling import (
     ChatPlan,
@@ -37,7 +39,7 @@ from trioserve.api.tooling import (
 )
 from trioserve.engine.events import Event
 from trioserve.engine.params import GenerationRequest
-from trioserve.engine.pool import ServedModel
+from trioserve.engine.pool import Lease, ModelState, ServedModel
 from trioserve.engine.scheduler import Engine, EngineNotReady, QueueFull
 from trioserve.models.chat_template import (
     PromptError,
@@ -48,7 +50,7 @@ from trioserve.output.assembler import Assembler, Renderer
 from trioserve.output.progress import wants_progress
 from trioserve.output.shaper import ShapingSpec
 from trioserve.streaming.session import Ending, run_generation
-from trioserve.streaming.stream import SSEBody, StreamOptions
+from trioserve.streaming.stream import Generation, Pending, SSEBody, StartFailed, StreamOptions
 
 log = logging.getLogger(__name__)
 
@@ -70,42 +72,86 @@ async def handle_generation(
     parsed: NeutralRequest, renderer: Renderer, kind: str, served: ServedModel
 ) -> Response | tuple[dict, int]:
     """Answer one request of any dialect on ``served``: a stream or a whole body from
-    ``renderer``. Waits while that model loads; holds its lease until generation ends."""
+    ``renderer``. Waits while that model loads; holds its lease until generation ends. A
+    stream whose model is not loaded yet answers at once and waits inside the stream."""
     state = app_state()
     if state.drain.draining:
         raise ServiceUnavailable("The server is shutting down.")
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
+    progress = parsed.stream and wants_progress(request.headers)
+    if parsed.stream and state.models.several and served.state in _NOT_LOADED:
+        return _pending_stream(state, served, parsed, renderer, kind, request_id, progress)
     lease = await acquire(state, served)
     streaming = False
     try:
-        engine = _engine(served)
-        _admit(engine)
-        request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
-        prepared = await trio.to_thread.run_sync(prepare, state, served, parsed, request_id)
-        gen = prepared.gen
-        log.info(
-            "request %s: %s on %s, %d prompt tokens, max_tokens %d, stream=%s",
-            request_id,
-            kind,
-            served.name,
-            len(gen.prompt_tokens),
-            gen.max_tokens,
-            parsed.stream,
-        )
-        _admit(engine)  # again, for an early 429: the queue may have filled meanwhile
+        engine, prepared = await _prepare_on(state, served, parsed, kind, request_id)
         assembler = Assembler(
-            renderer,
-            shaping=prepared.shaping,
-            logprobs=parsed.logprobs,
-            progress=parsed.stream and wants_progress(request.headers),
+            renderer, shaping=prepared.shaping, logprobs=parsed.logprobs, progress=progress
         )
         if parsed.stream:
-            response = _stream_response(state, engine, gen, assembler, lease.release)
+            generation = Generation(engine, prepared.gen)
+            response = _stream_response(state, generation, assembler, lease.release)
             streaming = True  # the body returns the lease when it ends
             return response
-        return await _complete(state, engine, gen, assembler)
+        return await _complete(state, engine, prepared.gen, assembler)
     finally:
         if not streaming:
             lease.release()
+
+
+# A model in these states makes a stream wait for its load; a failed one answers at once.
+_NOT_LOADED = (ModelState.UNLOADED, ModelState.LOADING)
+
+
+async def _prepare_on(
+    state: AppState, served: ServedModel, parsed: NeutralRequest, kind: str, request_id: str
+) -> tuple[Engine, _Prepared]:
+    """Admission checks and ``prepare`` on a leased ``served``; raises ``ApiError``."""
+    engine = _engine(served)
+    _admit(engine)
+    prepared = await trio.to_thread.run_sync(prepare, state, served, parsed, request_id)
+    log.info(
+        "request %s: %s on %s, %d prompt tokens, max_tokens %d, stream=%s",
+        request_id,
+        kind,
+        served.name,
+        len(prepared.gen.prompt_tokens),
+        prepared.gen.max_tokens,
+        parsed.stream,
+    )
+    _admit(engine)  # again, for an early 429: the queue may have filled meanwhile
+    return engine, prepared
+
+
+def _pending_stream(
+    state: AppState,
+    served: ServedModel,
+    parsed: NeutralRequest,
+    renderer: Renderer,
+    kind: str,
+    request_id: str,
+    progress: bool,
+) -> Response:
+    """The stream of a request whose model loads: headers now; the lease, ``prepare`` and
+    their errors (as the dialect's error frames) inside the stream's own nursery."""
+    assembler = Assembler(renderer, logprobs=parsed.logprobs, progress=progress)
+    held: list[Lease] = []
+
+    async def start() -> Generation:
+        try:
+            held.append(await wait_for_lease(state, served))  # no checkpoint in between
+            engine, prepared = await _prepare_on(state, served, parsed, kind, request_id)
+        except ApiError as exc:
+            raise StartFailed(exc.message, exc.code or exc.type, exc.type) from None
+        assembler.set_shaping(prepared.shaping)
+        return Generation(engine, prepared.gen)
+
+    def release() -> None:  # the body's last step; the start never runs after it
+        for lease in held:
+            lease.release()
+
+    log.info("request %s: %s waits in its stream for %s to load", request_id, kind, served.name)
+    return _stream_response(state, Pending(served.name, start), assembler, release)
 
 
 def prepare(
@@ -197,8 +243,7 @@ def _admit(engine: Engine) -> None:
 
 def _stream_response(
     state: AppState,
-    engine: Engine,
-    gen: GenerationRequest,
+    source: Generation | Pending,
     assembler: Assembler,
     on_close: Callable[[], None],
 ) -> Response:
@@ -209,7 +254,7 @@ def _stream_response(
         drain=state.drain,
         observer=state.metrics.observer(),
     )
-    body = SSEBody(engine, gen, assembler, options, on_close=on_close)
+    body = SSEBody(source, assembler, options, on_close=on_close)
     response = Response(body, status=200, headers=SSE_HEADERS)
     response.timeout = None  # Quart's RESPONSE_TIMEOUT must never cut a stream
     return response

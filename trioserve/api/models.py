@@ -14,7 +14,7 @@ from typing import Any
 
 from quart import request
 
-from trioserve.api.errors import ApiError, BadRequest, NotFound, ServiceUnavailable
+from trioserve.api.errors import ApiError, BadRequest, NotFound, RateLimited, ServiceUnavailable
 from trioserve.api.state import AppState
 from trioserve.engine.pool import (
     InsufficientMemory,
@@ -23,6 +23,7 @@ from trioserve.engine.pool import (
     PoolClosed,
     PoolError,
     ServedModel,
+    SlotTimeout,
     UnknownModel,
 )
 
@@ -41,12 +42,23 @@ def pick(state: AppState, asked: str | None) -> ServedModel:
 async def acquire(state: AppState, served: ServedModel) -> Lease:
     """A lease on ``served`` (waiting for its load), returned at the latest when the HTTP
     exchange ends; the caller returns it earlier when its work is done."""
-    try:
-        lease = await state.models.acquire(served)
-    except PoolError as exc:
-        raise as_api_error(exc) from None
+    lease = await wait_for_lease(state, served)
     at_request_end(lease.release)  # no checkpoint since the count went up
     return lease
+
+
+async def wait_for_lease(state: AppState, served: ServedModel) -> Lease:
+    """A lease on ``served``; the caller owns it. A wait for a load ends, like a queued
+    request's wait for a slot, when the shutdown's grace period is over (503)."""
+    with state.drain.guard():
+        try:
+            return await state.models.acquire(served)
+        except PoolError as exc:
+            raise as_api_error(exc) from None
+    # Here only when the drain expired and cancelled the wait: no lease was taken.
+    raise ServiceUnavailable(
+        "The server is shutting down.", code="server_shutdown", retry_after_s=2
+    )
 
 
 def at_request_end(callback: Callable[[], None]) -> None:
@@ -60,6 +72,8 @@ def as_api_error(exc: PoolError) -> ApiError:
         if exc.asked is None:
             return BadRequest(str(exc), param="model", code="model_required")
         return NotFound(str(exc), param="model", code=exc.code)
+    if isinstance(exc, SlotTimeout):  # as a queue timeout is
+        return RateLimited(str(exc), code=exc.code, retry_after_s=5)
     retry = 2 if isinstance(exc, PoolClosed | InsufficientMemory) else None
     return ServiceUnavailable(str(exc), code=exc.code, retry_after_s=retry)
 

@@ -84,6 +84,12 @@ class PoolClosed(PoolError):
     code = "server_shutdown"
 
 
+class SlotTimeout(PoolError):
+    """The model waited ``--queue-timeout`` for a free slot (every loaded model leased)."""
+
+    code = "queue_timeout"
+
+
 @dataclass(frozen=True)
 class ModelFacts:
     """A resolved model, as the request path needs it."""
@@ -94,12 +100,18 @@ class ModelFacts:
     weight_bytes: int = 0  # its weight files' sizes: the resident-size estimate
 
 
+class _NobodyWaits(Exception):
+    """A load waiting for its slot whose every waiter has gone: it is given up."""
+
+
 @dataclass
 class _Attempt:
     """One load of one model: requests waiting for it learn how it ended."""
 
     done: trio.Event = field(default_factory=trio.Event)
     error: PoolError | None = None
+    waiters: int = 0  # requests waiting in ``acquire`` for this attempt
+    slot_wait_since: float | None = None  # while the load waits for a free slot
 
 
 @dataclass(eq=False)
@@ -179,6 +191,7 @@ class ModelPool:
         resolve: Callable[[str | Path | None], ModelFacts],
         max_loaded: int = 1,
         ttl_s: float = 0.0,
+        queue_timeout_s: float | None = None,
         available_memory: MemoryReader = mem_available,
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
@@ -187,6 +200,7 @@ class ModelPool:
         self.models = list(models)
         self.max_loaded = max_loaded
         self.ttl_s = ttl_s
+        self.queue_timeout_s = queue_timeout_s  # a request's longest wait for a slot
         self._by_name = {m.name: m for m in self.models}
         self._build_engine = build_engine
         self._resolve = resolve  # blocking (downloads, conversion): run in a thread
@@ -248,8 +262,10 @@ class ModelPool:
 
     async def acquire(self, served: ServedModel) -> Lease:
         """A lease on ``served``, once it is loaded (starting its load if it is unloaded).
-        Raises ``ModelFailed``, ``InsufficientMemory`` or ``PoolClosed``. Cancelled while it
-        waits, it leaves nothing behind: the count goes up only on the way out."""
+        Raises ``ModelFailed``, ``InsufficientMemory``, ``SlotTimeout`` or ``PoolClosed``
+        (also when the pool closes while it waits). Cancelled while it waits, it leaves
+        nothing behind: the count goes up only on the way out."""
+        since = trio.current_time()
         while self.several:
             if served.state is ModelState.FAILED:
                 raise ModelFailed(self._failed_message(served))
@@ -263,12 +279,38 @@ class ModelPool:
                     continue
                 self._start_load(served)
             attempt = served._attempt
-            await attempt.done.wait()
+            await self._wait_for(served, attempt, since)
             if attempt.error is not None:
                 raise attempt.error
         served.leases += 1
         served.last_used = trio.current_time()
         return Lease(self, served)
+
+    async def _wait_for(self, served: ServedModel, attempt: _Attempt, since: float) -> None:
+        """Until ``attempt`` ends or the pool closes; at most ``queue_timeout_s`` of it while
+        the load waits for a slot. Every change that matters calls ``_notify``."""
+        attempt.waiters += 1
+        try:
+            while not attempt.done.is_set() and self.running:
+                changed = self._changed
+                with trio.move_on_at(self._slot_deadline(attempt, since)) as timer:
+                    await changed.wait()
+                if timer.cancelled_caught and attempt.slot_wait_since is not None:
+                    raise SlotTimeout(
+                        f"The model {served.name!r} could not load within "
+                        f"{self.queue_timeout_s:g} s: every loaded model is in use "
+                        f"(--max-loaded-models {self.max_loaded}); retry later."
+                    )
+        finally:
+            attempt.waiters -= 1
+            if attempt.waiters == 0 and attempt.slot_wait_since is not None:
+                self._notify()  # a load waiting for its slot for nobody gives up
+
+    def _slot_deadline(self, attempt: _Attempt, since: float) -> float:
+        """When a request waiting since ``since`` stops waiting for the load's slot."""
+        if attempt.slot_wait_since is None or not self.queue_timeout_s:
+            return math.inf
+        return max(since, attempt.slot_wait_since) + self.queue_timeout_s
 
     @contextlib.asynccontextmanager
     async def lease(self, name: str | None) -> AsyncIterator[ServedModel]:
@@ -301,12 +343,14 @@ class ModelPool:
                 log.info("loading model %s", served.name)
                 facts = served.facts or await trio.to_thread.run_sync(self._resolve, served.source)
                 served.facts = facts
-                await self._take_slot(served, facts)
+                await self._take_slot(served, facts, attempt)
                 served.engine = self._build_engine(facts)
                 await served.engine.run(task_status=_Ready(self, served, started_at))
         except InsufficientMemory as exc:
             log.warning("%s", exc)
             attempt.error = exc
+        except _NobodyWaits:
+            log.info("model %s: load given up, nobody waits for it any more", served.name)
         except Exception as exc:
             engine = served.engine
             served.failure = (
@@ -331,10 +375,11 @@ class ModelPool:
             attempt.done.set()
             self._notify()
 
-    async def _take_slot(self, served: ServedModel, facts: ModelFacts) -> None:
+    async def _take_slot(self, served: ServedModel, facts: ModelFacts, attempt: _Attempt) -> None:
         """Make room under ``max_loaded``: unload the least recently used idle model, or wait
-        while every loaded one is leased. Refuses, before unloading anything, a model that
-        cannot fit in memory."""
+        while every loaded one is leased (giving up, ``_NobodyWaits``, once no request waits
+        for this load). Refuses, before unloading anything, a model that cannot fit in
+        memory."""
         checked = False
         said_waiting = False
         while True:
@@ -343,6 +388,7 @@ class ModelPool:
                 if not checked:
                     self._check_memory(served, facts, freed=0)
                 served._holds_slot = True
+                attempt.slot_wait_since = None
                 return
             idle = [m for m in occupied if m.state is ModelState.LOADED and m.leases == 0]
             if idle:
@@ -363,6 +409,11 @@ class ModelPool:
                     self.max_loaded,
                 )
                 said_waiting = True
+            if attempt.waiters == 0:
+                raise _NobodyWaits
+            if attempt.slot_wait_since is None:
+                attempt.slot_wait_since = trio.current_time()
+                self._notify()  # its waiters' --queue-timeout starts now
             await self._changed.wait()
 
     def _check_memory(self, served: ServedModel, facts: ModelFacts, *, freed: int) -> None:
@@ -444,5 +495,6 @@ __all__ = [
     "PoolClosed",
     "PoolError",
     "ServedModel",
+    "SlotTimeout",
     "UnknownModel",
 ]

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from trioserve.engine.events import Event, Failed, Finished, PrefillProgress, TokenDelta, Usage
+from trioserve.output import sse
 from trioserve.output.pieces import ContentPiece, Piece
 from trioserve.output.progress import ProgressReporter
 from trioserve.output.shaper import ShapingSpec, make_shaper
@@ -28,6 +29,10 @@ class Renderer(Protocol):
 
     #: The id the client sees (chatcmpl-…, resp_…, msg_…); logs name the answer by it.
     response_id: str
+
+    #: Whether ``opening`` needs the prompt's size (Messages' ``message_start`` carries it):
+    #: a stream whose model still loads then sends it only once the prompt is tokenized.
+    opening_needs_prompt: bool
 
     def opening(self, prompt_tokens: int) -> list[bytes]:
         """Frames sent as soon as the stream starts (before queueing or prefill)."""
@@ -86,6 +91,7 @@ class Assembler:
         self.reporter: ProgressReporter | None = None  # set once the request is queued
         self.content_started = False  # no progress frame may follow the first content
         self.ended = False  # a terminal frame was made
+        self.opened = False  # the renderer's opening frames are out
         self._shaper = make_shaper(shaping)
         self._deltas: list[TokenDelta] = []
         self._pieces: list[Piece] = []
@@ -98,8 +104,26 @@ class Assembler:
 
     # -- streamed --------------------------------------------------------------------------
 
-    def opening(self, prompt_tokens: int) -> list[bytes]:
-        return self.renderer.opening(prompt_tokens)
+    def opening(self, prompt_tokens: int | None) -> list[bytes]:
+        """The renderer's opening frames, once. ``None``: the prompt is not known yet (the
+        model loads); a renderer whose opening carries its size then waits for it."""
+        if self.opened or (prompt_tokens is None and self.renderer.opening_needs_prompt):
+            return []
+        self.opened = True
+        return self.renderer.opening(prompt_tokens or 0)
+
+    def set_shaping(self, shaping: ShapingSpec | None) -> None:
+        """The shaping a pending stream learns once its prompt is prepared (before content)."""
+        assert not self.content_started, "shaping is set before the first content"
+        self._shaper = make_shaper(shaping)
+
+    def loading_frame(self, fields: dict[str, Any]) -> bytes:
+        """The heartbeat's frame while the model loads: progress (``LoadingReporter``) if
+        asked for and the opening is out (progress never precedes it), else the dialect's
+        keepalive, else an SSE comment, which every SSE parser skips."""
+        if self.progress and self.opened:
+            return self.renderer.progress(fields)
+        return self.renderer.keepalive() or sse.comment("loading")
 
     def frames(self, event: Event) -> list[bytes]:
         """The frames this event adds to the stream (a ``Failed`` adds none: the caller

@@ -192,27 +192,33 @@ class ChunkBuilder:
     def progress_chunk(
         self,
         *,
-        status: Literal["queued", "processing"],
-        n_past: int,
-        n_prompt_tokens: int,
-        fraction: float,
+        status: Literal["loading", "queued", "processing"],
         elapsed_seconds: float,
+        n_past: int | None = None,
+        n_prompt_tokens: int | None = None,
+        fraction: float | None = None,
         queue_position: int | None = None,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """Prefill progress as a valid chunk with ``choices: []``.
 
         Fields follow SwiftLM (``status``, ``n_past``...) and llama.cpp (``prompt_progress``), so
         clients that read either get it and clients that read neither see an empty chunk.
+        While the model loads (``status: "loading"``) the prompt's figures are not known yet:
+        only ``status``, ``model`` and ``elapsed_seconds``.
         """
-        chunk: dict[str, Any] = {
-            **self._head(),
-            "choices": [],
-            "status": status,
-            "n_past": n_past,
-            "n_prompt_tokens": n_prompt_tokens,
-            "fraction": fraction,
-            "elapsed_seconds": elapsed_seconds,
-        }
+        chunk: dict[str, Any] = {**self._head(), "choices": [], "status": status}
+        if model is not None:
+            chunk["model"] = model
+        if n_past is None or n_prompt_tokens is None:
+            chunk["elapsed_seconds"] = elapsed_seconds
+            return chunk
+        chunk.update(
+            n_past=n_past,
+            n_prompt_tokens=n_prompt_tokens,
+            fraction=fraction,
+            elapsed_seconds=elapsed_seconds,
+        )
         if queue_position is not None:
             chunk["queue_position"] = queue_position
         chunk["prompt_progress"] = {

@@ -2,7 +2,8 @@
 
 A client opts in with ``X-SwiftLM-Prefill-Progress`` (the name SwiftLM's clients already send)
 or ``X-Trioserve-Prefill-Progress``. ``ProgressReporter`` says how far the prompt is, as
-dialect-neutral fields (SwiftLM's names); each dialect's renderer wraps them in a payload its
+dialect-neutral fields (SwiftLM's names), and ``LoadingReporter`` that a stream's model is
+still loading; each dialect's renderer wraps them in a payload its
 strict clients survive (for Chat, a valid chunk with ``choices: []``).
 """
 
@@ -22,6 +23,23 @@ PROGRESS_EVENT = "prefill_progress"
 def wants_progress(headers: Mapping[str, str]) -> bool:
     """True when either opt-in header is 1, true, yes or on (any case)."""
     return any(truthy(headers.get(name)) for name in PROGRESS_HEADERS)
+
+
+class LoadingReporter:
+    """Progress fields while a stream waits for its model to load (several models)."""
+
+    def __init__(self, model: str) -> None:
+        self._model = model
+        self._started = time.monotonic()
+
+    def fields(self) -> dict[str, Any]:
+        """``status: "loading"``, the ``model`` and ``elapsed_seconds`` (the prompt's size
+        is not known before the model's tokenizer is)."""
+        return {
+            "status": "loading",
+            "model": self._model,
+            "elapsed_seconds": round(time.monotonic() - self._started, 3),
+        }
 
 
 class ProgressReporter:

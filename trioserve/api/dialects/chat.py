@@ -56,6 +56,8 @@ def _sampling(parsed: ChatCompletionRequest | CompletionRequest) -> dict[str, An
 class ChunkRenderer:
     """Chat Completions (``kind="chat"``) or Completions (``"completion"``) output."""
 
+    opening_needs_prompt = False
+
     def __init__(self, builder: ChunkBuilder, *, logprobs: bool, include_usage: bool) -> None:
         self.builder = builder
         self.logprobs = logprobs

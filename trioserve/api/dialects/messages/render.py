@@ -36,6 +36,8 @@ def new_message_id() -> str:
 
 
 class MessagesRenderer:
+    opening_needs_prompt = True  # message_start carries input_tokens
+
     def __init__(self, *, model: str, message_id: str | None = None) -> None:
         self.response_id = message_id or new_message_id()
         self.model = model

@@ -40,6 +40,8 @@ class ResponsesRenderer:
     (instructions, tools, tool_choice, text, ...); ``on_complete`` gets the final object of a
     completed or incomplete response (for ``store``)."""
 
+    opening_needs_prompt = False
+
     def __init__(
         self,
         *,
