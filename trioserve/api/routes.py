@@ -96,7 +96,9 @@ async def metrics():
 async def health():
     """One model: as ever (503 until loaded, then 200; 503 with the cause once it failed).
     Several: 200 while the pool runs, a line per model, and the first model's figures at
-    the top level, where monitors of a single-model server read them."""
+    the top level, where monitors of a single-model server read them. Either way, from the
+    first SIGINT/SIGTERM on: 503, ``"status": "draining"``, so a load balancer's health check
+    takes this replica out at once while its in-flight streams finish (deploy/README.md)."""
     state = app_state()
     pool = state.models
     default = pool.default
@@ -108,6 +110,8 @@ async def health():
         "queue_length": stats.queue_length if stats else 0,
         "in_batch": stats.worker.in_batch if stats else 0,
     }
+    if state.drain.draining:
+        return {"status": "draining", **body}, 503
     if pool.several:
         ok = pool.running
         body = {"status": "ok" if ok else "loading", **body}
