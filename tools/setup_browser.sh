@@ -11,15 +11,13 @@ cd "$(dirname "$0")/.."
 
 CHROMIUM=/usr/bin/chromium
 if [ ! -x "$CHROMIUM" ]; then
-    if command -v apt-get >/dev/null; then
-        echo "setup_browser: installing chromium (apt-get)" >&2
-        SUDO=""
-        if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-            chromium fonts-dejavu-core >/dev/null
-    else
+    echo "setup_browser: installing chromium (apt-get)" >&2
+    status=0
+    tools/apt_install.sh chromium fonts-dejavu-core || status=$?
+    if [ "$status" -eq 3 ]; then
         echo "setup_browser: no apt-get here; install chromium at $CHROMIUM for the browser tests" >&2
+    elif [ "$status" -ne 0 ]; then
+        exit "$status"
     fi
 fi
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from trioserve import __version__
-from trioserve.config import DTYPES
+from trioserve.config import DTYPES, SPECULATION_MODES
 
 DESCRIPTION = """\
 A local, OpenAI-compatible LLM server on Trio and MLX.
@@ -228,6 +228,22 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "the whole conversation each turn); 0 turns it off (default: %(default)s)",
     )
     p.add_argument(
+        "--speculation",
+        choices=SPECULATION_MODES,
+        default="off",
+        help="speculative decoding for requests that do not choose: prompt-lookup drafts "
+        "the continuation of a match of the last tokens in the prompt or the output, "
+        "verified in the batch (greedy output unchanged; fastest when the answer repeats the "
+        "prompt, e.g. code edits); a request's `prediction` always drafts "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--speculation-draft-tokens",
+        type=int,
+        default=10,
+        help="the most draft tokens one sequence proposes per step (default: %(default)s)",
+    )
+    p.add_argument(
         "--max-queue",
         type=int,
         default=64,
@@ -275,6 +291,15 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="with several --model: unload a model no request has used for this long; "
         "0: never (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="under mlx.launch (one model over several ranks): how long rank 0 waits for "
+        "the other ranks before it fails its requests and exits non-zero; a rank that died "
+        "is noticed within about a second (default: %(default)s)",
     )
     p.add_argument(
         "--served-model-name",
@@ -348,6 +373,13 @@ def main(argv: list[str] | None = None, *, worker_factory: Any = None) -> int:
         from trioserve.models.gguf import concrete_dtype, run_convert_cli
 
         return run_convert_cli(args.gguf, args.out_dir, concrete_dtype(args.dtype))
+    group = None
+    if args.command == "serve":
+        try:
+            group = _join_ranks(config)
+        except Exception as exc:  # mlx.launch's group could not be formed, or a bad config
+            print(f"trioserve serve: error: {exc}", file=sys.stderr)
+            return 2
     several = config is not None and bool(config.models)  # each resolved when it loads
     try:
         resolved = None if several else _resolve(args)
@@ -384,7 +416,48 @@ def main(argv: list[str] | None = None, *, worker_factory: Any = None) -> int:
         model=resolved.path,
         served_model_name=config.served_model_name or _single_name(args) or resolved.name,
     )
-    return run_server(config, worker_factory=worker_factory)
+    if group is None:
+        return run_server(config, worker_factory=worker_factory)
+    if not group.leader:
+        return _exit_rank(_follow(config, resolved.path, group))
+    return _exit_rank(run_server(config, worker_factory=worker_factory))
+
+
+def _join_ranks(config: Any):  # -> RankGroup | None
+    """Under mlx.launch: join the rank group, and refuse what one sharded model cannot do."""
+    from trioserve.engine.distributed.group import join_group
+
+    group = join_group()
+    if group is None:
+        return None
+    if config.models:
+        raise ValueError("one model only under mlx.launch: every rank holds a shard of it")
+    return group
+
+
+def _follow(config: Any, model_dir: Path, group: Any) -> int:
+    """Ranks other than 0: no HTTP, only the MLX worker, in step with rank 0."""
+    import signal
+
+    from trioserve.api.app import engine_config
+    from trioserve.engine.distributed.follower import run_follower
+    from trioserve.models.loading import model_context_length
+
+    # Ctrl-C reaches every rank of the terminal's process group: rank 0 drains and then
+    # tells the others to stop; a rank that died at once would fail rank 0's streams.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engine = engine_config(config, model_dir, model_context_length(model_dir))
+    return run_follower(engine.worker_config(), group)
+
+
+def _exit_rank(status: int) -> int:
+    """A rank's exit. After a failure a worker thread may be stuck inside a collective,
+    where nothing can stop it, and a normal exit would wait for it: leave at once."""
+    if status != 0:
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def _progress(message: str) -> None:
@@ -447,6 +520,8 @@ FLAGS = {
     "sse_keepalive_s": "--sse-keepalive",
     "max_queue": "--max-queue",
     "prefix_cache_mb": "--prefix-cache-mb",
+    "speculation": "--speculation",
+    "speculation_draft_tokens": "--speculation-draft-tokens",
     "queue_timeout_s": "--queue-timeout",
     "send_timeout_s": "--send-timeout",
     "shutdown_grace_s": "--shutdown-grace",
@@ -456,6 +531,7 @@ FLAGS = {
     "models": "--model",
     "max_loaded_models": "--max-loaded-models",
     "model_ttl_s": "--model-ttl",
+    "rank_timeout_s": "--rank-timeout",
     "responses_store_size": "--responses-store-size",
     "responses_store_ttl_s": "--responses-store-ttl",
 }
@@ -473,6 +549,7 @@ def _serve_config(args: argparse.Namespace, model_dir: Path | None = None):  # -
         models=tuple(models) if len(models) > 1 else (),
         max_loaded_models=args.max_loaded_models,
         model_ttl_s=args.model_ttl,
+        rank_timeout_s=args.rank_timeout,
         dtype=args.dtype,
         host=args.host,
         port=args.port,
@@ -493,6 +570,8 @@ def _serve_config(args: argparse.Namespace, model_dir: Path | None = None):  # -
         log_level=args.log_level,
         max_queue=args.max_queue,
         prefix_cache_mb=args.prefix_cache_mb,
+        speculation=args.speculation,
+        speculation_draft_tokens=args.speculation_draft_tokens,
         queue_timeout_s=args.queue_timeout or None,  # 0: no limit
         send_timeout_s=args.send_timeout,
         shutdown_grace_s=args.shutdown_grace,

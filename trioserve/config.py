@@ -22,6 +22,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The smallest --ctx-size: a chat template's own markup takes a dozen tokens, so anything
 # below this could not hold a one-word question and its answer.
 MIN_CTX_SIZE = 16
+SPECULATION_MODES = ("off", "prompt-lookup")  # as engine/speculation.py's MODES
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,9 @@ class ServerConfig:
     max_loaded_models: int = 1
     # With several models: a model idle (no request) this long is unloaded; 0: never.
     model_ttl_s: float = 0.0
+    # Under mlx.launch (several ranks): how long rank 0 waits for the other ranks to answer
+    # before it fails its requests and exits (a rank that died is noticed within ~1 s).
+    rank_timeout_s: float = 30.0
     dtype: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -82,6 +86,10 @@ class ServerConfig:
     served_model_name: str | None = None
     chat_template: Path | None = None  # a Jinja file that overrides the model's chat template
     prefix_cache_mb: int = 512  # KV cache kept to reuse shared prompt prefixes; 0: off
+    # Speculative decoding for requests that do not choose (a ``prediction`` always drafts):
+    # off | prompt-lookup; and the most draft tokens one sequence proposes per step.
+    speculation: str = "off"
+    speculation_draft_tokens: int = 10
     max_queue: int | None = 64  # requests waiting for a slot before 429; None: unbounded
     queue_timeout_s: float | None = 300.0  # longest wait for a slot; None: no limit
     send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is dropped
@@ -104,6 +112,11 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    def context_limit(self, model_context: int) -> int:
+        """Tokens of prompt plus output one request may use (so one slot's KV cache at
+        most): the model's context length, or less with ``--ctx-size``."""
+        return min(model_context, self.ctx_size) if self.ctx_size else model_context
 
     def model_entries(self) -> list[ModelEntry]:
         """The configured models in order: one entry for the single-model configuration."""
@@ -193,6 +206,12 @@ def _validate(c: ServerConfig) -> None:
         _at_least("ctx_size", c.ctx_size, MIN_CTX_SIZE)
     _at_least("max_body_bytes", c.max_body_bytes, 1)
     _at_least("prefix_cache_mb", c.prefix_cache_mb, 0, note="0: off")
+    if c.speculation not in SPECULATION_MODES:
+        raise ConfigError(
+            "speculation",
+            f"must be one of {', '.join(SPECULATION_MODES)}, got {c.speculation!r}",
+        )
+    _at_least("speculation_draft_tokens", c.speculation_draft_tokens, 1)
     if c.max_queue is not None:
         _at_least("max_queue", c.max_queue, 0)
     _positive("heartbeat_interval_s", c.heartbeat_interval_s)
@@ -226,6 +245,7 @@ def _validate(c: ServerConfig) -> None:
 def _validate_models(c: ServerConfig) -> None:
     _at_least("max_loaded_models", c.max_loaded_models, 1)
     _non_negative("model_ttl_s", c.model_ttl_s, note="0: never")
+    _positive("rank_timeout_s", c.rank_timeout_s)
     if not c.models:
         return
     if c.model is not None:

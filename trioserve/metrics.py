@@ -3,6 +3,12 @@
 The engine gauges (slots, queue, batch) are read at scrape time; with several models each
 carries a ``model`` label, and ``trioserve_model_loaded{model}`` says which are loaded.
 
+Three of them are the ones the Kubernetes Gateway API Inference Extension's model server
+protocol asks for (docs/proposals/003-model-server-protocol), named in vLLM's form in our own
+namespace, so its endpoint picker (llm-d's too) can be pointed at them (deploy/README.md):
+``trioserve:num_requests_waiting`` (TotalQueuedRequests), ``trioserve:num_requests_running``
+(TotalRunningRequests) and ``trioserve:kv_cache_usage_perc`` (KVCacheUtilization, 0 to 1).
+
 ``RequestObserver`` follows one request's engine events, so the streamed and the
 non-streamed paths record time to first token, inter-token latency, token counts, prefill
 speed and disconnects the same way.
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811
@@ -19,8 +26,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from trioserve.engine.events import Event, Finished, TokenDelta
 from trioserve.engine.scheduler import RequestHandle
+from trioserve.speculation_metrics import SpeculationCollector
 
-__all__ = ["CONTENT_TYPE", "Metrics", "RequestObserver"]
+__all__ = [
+    "CONTENT_TYPE",
+    "KV_CACHE_USAGE",
+    "REQUESTS_RUNNING",
+    "REQUESTS_WAITING",
+    "Metrics",
+    "RequestObserver",
+]
+
+# The model server protocol's gauges (what an endpoint picker is configured to read).
+REQUESTS_WAITING = "trioserve:num_requests_waiting"
+REQUESTS_RUNNING = "trioserve:num_requests_running"
+KV_CACHE_USAGE = "trioserve:kv_cache_usage_perc"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 _TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -86,23 +106,51 @@ class Metrics:
         self._in_batch = Gauge(
             "trioserve_sequences_in_batch", "Sequences in the model's batch", labels, registry=r
         )
+        self._waiting = Gauge(
+            REQUESTS_WAITING,
+            "Requests waiting for a slot (TotalQueuedRequests of the inference gateway's model "
+            "server protocol; the same figure as trioserve_queued_requests)",
+            labels,
+            registry=r,
+        )
+        self._running = Gauge(
+            REQUESTS_RUNNING,
+            "Requests holding a slot, prefilling or decoding (TotalRunningRequests; the same "
+            "figure as trioserve_slots_busy)",
+            labels,
+            registry=r,
+        )
+        self._kv_usage = Gauge(
+            KV_CACHE_USAGE,
+            "KV-cache utilisation from 0 to 1 (KVCacheUtilization): tokens held in the "
+            "batch's KV caches over slots x the context length a request may use (--ctx-size "
+            "or the model's); prefix-cache entries kept for reuse are not counted",
+            labels,
+            registry=r,
+        )
         self._loaded = (
             Gauge("trioserve_model_loaded", "1 while the model is loaded", labels, registry=r)
             if per_model
             else None
         )
+        # Each engine gauge and what it reads of an EngineStats.
+        self._readings = (
+            (self._slots_total, attrgetter("slots_total")),
+            (self._slots_busy, attrgetter("slots_busy")),
+            (self._queued, attrgetter("queue_length")),
+            (self._in_batch, attrgetter("worker.in_batch")),
+            (self._waiting, attrgetter("queue_length")),
+            (self._running, attrgetter("slots_busy")),
+            (self._kv_usage, attrgetter("kv_cache_usage")),
+        )
         self._per_model = per_model
         self._engine_stats = engine_stats
+        SpeculationCollector(engine_stats, per_model=per_model, registry=r)
 
     def render(self) -> bytes:
         for name, stats in self._engine_stats():
-            values = (
-                (stats.slots_total, stats.slots_busy, stats.queue_length, stats.worker.in_batch)
-                if stats is not None
-                else (0, 0, 0, 0)
-            )
-            gauges = (self._slots_total, self._slots_busy, self._queued, self._in_batch)
-            for gauge, value in zip(gauges, values, strict=True):
+            for gauge, read in self._readings:
+                value = read(stats) if stats is not None else 0
                 (gauge.labels(model=name) if self._per_model else gauge).set(value)
             if self._loaded is not None:
                 self._loaded.labels(model=name).set(int(stats is not None and stats.ready))

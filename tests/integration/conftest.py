@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.integration.replicas import Replicas
 from trioserve.testing import ServerProcess, free_port, parse_events, serve_argv, start_server
 from trioserve.testing import data_objects as data_objects  # re-exported for the tests
 
@@ -39,6 +40,25 @@ MAIN_ARGS = ("--parallel", "2", "--prefill-step-size", "16", "--heartbeat-interv
 @pytest.fixture(scope="session")
 def server(launch) -> ServerProcess:
     return launch(*MAIN_ARGS)
+
+
+@pytest.fixture(scope="session")
+def replica_pair(tmp_path_factory) -> Iterator[Replicas]:
+    """Two replicas (tests/integration/replicas.py) for the load-balancer tests, started at
+    their first use; the HAProxy and the nginx tests share them."""
+    pair = Replicas(tmp_path_factory.mktemp("replicas"))
+    try:
+        yield pair
+    finally:
+        pair.stop()
+
+
+@pytest.fixture
+def front(balancer):
+    """The module's load balancer (its ``balancer`` fixture, e.g. HAProxy) with both replicas
+    behind it up: an earlier test may have stopped or killed one."""
+    balancer.ensure_up()
+    return balancer
 
 
 def parse_sse(raw: str) -> list[tuple[str | None, str]]:

@@ -81,17 +81,18 @@ async def stream_until(server, body: dict, request_id: str, stop_when) -> None:
     raise AssertionError("the stream ended before the moment to disconnect")
 
 
+def early_progress(event: Event) -> bool:
+    """The moment to hang up mid-prefill: a chunk went through the model (a heartbeat before
+    the first one has n_past 0), and most of the prompt is still to come."""
+    if event.name != "prefill_progress":
+        return False
+    progress = event.json()
+    return progress["n_past"] > 0 and progress["fraction"] < 0.5
+
+
 async def test_disconnect_during_prefill(server):
     request_id = new_request_id("prefill")
     body = {"messages": [{"role": "user", "content": fresh(VERY_LONG_PROMPT)}], "max_tokens": 50}
-
-    def early_progress(event: Event) -> bool:
-        # A chunk went through the model (a heartbeat before the first one has n_past 0).
-        if event.name != "prefill_progress":
-            return False
-        progress = event.json()
-        return progress["n_past"] > 0 and progress["fraction"] < 0.5
-
     await stream_until(server, body, request_id, early_progress)
     await wait_slots_free(server)
     assert await logged_abort(server, request_id) == ("prefill", 0)

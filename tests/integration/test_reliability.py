@@ -12,6 +12,8 @@ import trio
 
 from tests.integration.conftest import parse_sse
 from tests.integration.test_disconnect import wait_slots_free
+from trioserve.metrics import KV_CACHE_USAGE, REQUESTS_RUNNING, REQUESTS_WAITING
+from trioserve.models.loading import model_context_length
 
 STORY = [{"role": "user", "content": "Tell me a very long story about a dragon."}]
 
@@ -187,3 +189,41 @@ async def test_metrics_count_requests_tokens_and_latency(server):
     assert metric(after, "trioserve_slots_busy") == 0
     assert metric(after, "trioserve_queued_requests") == 0
     assert metric(after, "trioserve_sequences_in_batch") == 0
+
+
+GATEWAY_GAUGES = (REQUESTS_WAITING, REQUESTS_RUNNING, KV_CACHE_USAGE)
+
+
+async def test_the_inference_gateway_gauges_follow_the_queue_the_slot_and_the_kv_cache(
+    launch, model_dir
+):
+    server = launch("--parallel", "1", "--max-queue", "1")  # the 429 test's server
+    context = model_context_length(model_dir)  # no --ctx-size: the model's own
+    url = server.v1 + "/chat/completions"
+    async with httpx.AsyncClient(timeout=120) as client:
+        await wait_slots_free(server)
+        probe = await client.post(url, json=chat(STORY, max_tokens=1))
+        prompt = probe.json()["usage"]["prompt_tokens"]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(client.post, url, json=chat(STORY, max_tokens=400)))
+            await wait_busy(client, server.url, 1)
+            nursery.start_soon(partial(client.post, url, json=chat("Say hi.")))
+            # Polling another process: one request decoding (its cache past the prompt), one
+            # waiting for the slot.
+            deadline = time.monotonic() + 60
+            while True:
+                text = (await client.get(server.url + "/metrics")).text
+                held = round(metric(text, KV_CACHE_USAGE) * context)  # one slot
+                if metric(text, REQUESTS_WAITING) == 1 and held > prompt:
+                    break
+                assert time.monotonic() < deadline, text
+                await trio.sleep(0.02)
+            assert metric(text, REQUESTS_RUNNING) == 1
+            # The prompt and the tokens generated so far, over the slot's context.
+            assert prompt < held <= prompt + 400
+            nursery.cancel_scope.cancel()
+    await wait_slots_free(server)
+    async with httpx.AsyncClient(timeout=30) as client:
+        text = (await client.get(server.url + "/metrics")).text
+    assert [metric(text, name) for name in GATEWAY_GAUGES] == [0, 0, 0]
+    assert all(f"# TYPE {name} gauge" in text for name in GATEWAY_GAUGES)

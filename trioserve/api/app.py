@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from trioserve.config import ConfigError, ModelEntry, ServerConfig
 from trioserve.drain import Drain
 from trioserve.engine.pool import ModelFacts, ModelPool, ServedModel
 from trioserve.engine.scheduler import Engine, EngineConfig, WorkerFactory
+from trioserve.engine.speculation import SpeculationConfig
 from trioserve.metrics import Metrics
 from trioserve.models.chat_template import read_chat_template
 from trioserve.web.routes import is_ui_path, web
@@ -83,8 +85,10 @@ def create_app(
         read_chat_template(config.chat_template) if config.chat_template is not None else None
     )
 
+    drain = Drain(config.shutdown_grace_s)
+
     def build_engine(facts: ModelFacts) -> Engine:
-        return _build_engine(config, facts, worker_factory)
+        return _build_engine(config, facts, worker_factory, drain)
 
     entries = config.model_entries()
     if len(entries) == 1:
@@ -113,7 +117,7 @@ def create_app(
         config=config,
         models=pool,
         created=int(time.time()),
-        drain=Drain(config.shutdown_grace_s),
+        drain=drain,
         metrics=Metrics(lambda: [(m.name, m.stats()) for m in pool.models], per_model=pool.several),
         chat_template=chat_template,
         responses=ResponseStore(config.responses_store_size, config.responses_store_ttl_s),
@@ -168,22 +172,48 @@ def _inspect(model_dir: Path) -> ModelFacts:
 
 
 def _build_engine(
-    config: ServerConfig, facts: ModelFacts, worker_factory: WorkerFactory | None
+    config: ServerConfig,
+    facts: ModelFacts,
+    worker_factory: WorkerFactory | None,
+    drain: Drain | None = None,
 ) -> Engine:
+    from trioserve.engine.distributed.group import current_group
+    from trioserve.engine.distributed.leader import leader_factory
+
+    group = current_group()
+    if worker_factory is None and group is not None:  # rank 0 of several
+        worker_factory = leader_factory(group, config.rank_timeout_s, drain)
+    return Engine(engine_config(config, facts.path, facts.context_length, worker_factory))
+
+
+def engine_config(
+    config: ServerConfig,
+    model_dir: Path,
+    context_length: int,
+    worker_factory: WorkerFactory | None = None,
+) -> EngineConfig:
+    """How the engine of ``model_dir`` runs under ``config``; the same on every rank."""
+    from trioserve.engine.distributed.group import current_group
     from trioserve.models.loading import load_model
 
+    group = current_group()
+    shard = group.group if group is not None else None
     extra = {"worker_factory": worker_factory} if worker_factory is not None else {}
-    return Engine(
-        EngineConfig(
-            load=lambda: _load_on_worker(load_model, facts.path),
-            parallel=config.parallel,
-            prefill_step_size=config.prefill_step_size,
-            solo_prefill_step_size=config.solo_prefill_step_size,
-            max_queue=config.max_queue,
-            queue_timeout_s=config.queue_timeout_s,
-            prefix_cache_bytes=config.prefix_cache_mb * 1024 * 1024,
-            **extra,
-        )
+    return EngineConfig(
+        load=lambda: _load_on_worker(partial(load_model, shard_group=shard), model_dir),
+        parallel=config.parallel,
+        prefill_step_size=config.prefill_step_size,
+        solo_prefill_step_size=config.solo_prefill_step_size,
+        max_queue=config.max_queue,
+        queue_timeout_s=config.queue_timeout_s,
+        prefix_cache_bytes=config.prefix_cache_mb * 1024 * 1024,
+        speculation=SpeculationConfig(
+            mode=config.speculation,
+            num_draft=config.speculation_draft_tokens,
+            allowed=group is None,  # the ranks of a group do not share drafts (yet)
+        ),
+        context_tokens=config.context_limit(context_length),
+        **extra,
     )
 
 

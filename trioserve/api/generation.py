@@ -174,6 +174,9 @@ def prepare(
     # ends with finish_reason "length"), as llama.cpp and mlx-lm do, rather than refused.
     room = context_limit(state, served) - len(tokens)
     gen = replace(gen, max_tokens=min(gen.max_tokens, room))
+    if parsed.prediction:  # Predicted Outputs: tokenized here, off the MLX thread
+        predicted = tokenizer.encode(parsed.prediction, add_special_tokens=False)
+        gen = replace(gen, prediction_tokens=tuple(predicted))
     shaping = None
     if plan is not None:
         shaping = shaping_for_prompt(plan, tokenizer, tokens)
@@ -191,9 +194,7 @@ def _engine(served: ServedModel) -> Engine:
 def context_limit(state: AppState, served: ServedModel) -> int:
     """Tokens of prompt plus output one request may use: the model's context, or less
     with ``--ctx-size``."""
-    limit = served.context_length
-    ctx_size = state.config.ctx_size
-    return min(limit, ctx_size) if ctx_size else limit
+    return state.config.context_limit(served.context_length)
 
 
 def _prompt_tokens(

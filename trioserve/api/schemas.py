@@ -130,6 +130,23 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+class Prediction(_Model):
+    """OpenAI Predicted Outputs: text the answer is expected to repeat much of (an edited
+    file). It becomes the draft of speculative decoding; the answer stays the model's own."""
+
+    type: Literal["content"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+# Not OpenAI's: this server's per-request choice of drafting without a prediction.
+SpeculationMode = Literal["off", "prompt-lookup"]
+
+
 class SamplingRequest(_Model):
     """Fields shared by chat and text completions, and their conversion for the engine."""
 
@@ -201,6 +218,8 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    prediction: Prediction | None = None
+    speculation: SpeculationMode | None = None
 
     @property
     def want_logprobs(self) -> bool:
@@ -230,6 +249,8 @@ class CompletionRequest(SamplingRequest):
 
     prompt: str | list[int]
     logprobs: int | None = Field(default=None, ge=0, le=5)
+    prediction: Prediction | None = None  # not OpenAI's here; as in Chat
+    speculation: SpeculationMode | None = None
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None

@@ -279,6 +279,7 @@ class GrammarProcessor:
         for warning in self._matcher.get_grammar_warnings():
             log.debug("%s grammar warning: %s", constraint.label, warning)
         self.label = constraint.label
+        self.constraint = constraint  # what other ranks compile again (distributed)
         self._words = np.full((llt.vocab_size + 31) // 32, -1, dtype=np.int32)
         self._seen: int | None = None
         self._violation: GrammarViolation | None = None

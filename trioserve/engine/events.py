@@ -49,6 +49,10 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # A request with a predicted output: its draft tokens the model accepted / rejected
+    # (None: no prediction, and the usage says nothing about them).
+    accepted_prediction_tokens: int | None = None
+    rejected_prediction_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:

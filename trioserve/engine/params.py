@@ -41,6 +41,10 @@ class GenerationRequest:
             thread; a bare ``Constraint`` is compiled by the worker.
         continues_prompt: the output continues the prompt's text (raw completions), so a
             leading space of the first token is kept.
+        prediction_tokens: a predicted output (OpenAI ``prediction``), tokenized: the source
+            of draft tokens for speculative decoding, always used when given.
+        speculation: this request's drafting without a prediction: "off" or
+            "prompt-lookup"; None: the server's default (``--speculation``).
     """
 
     prompt_tokens: tuple[int, ...]
@@ -50,3 +54,5 @@ class GenerationRequest:
     request_id: str = ""
     constraint: GrammarProcessor | Constraint | None = None
     continues_prompt: bool = False
+    prediction_tokens: tuple[int, ...] | None = None
+    speculation: str | None = None

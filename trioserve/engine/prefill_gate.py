@@ -10,8 +10,10 @@ through, so their lazy pipelining is untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -23,6 +25,21 @@ class PrefillCancelled(Exception):
     """Every sequence of the batch was cancelled in the middle of a prefill chunk."""
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def passthrough() -> Iterator[None]:
+    """A forward pass with several positions per row that is not a prefill chunk (a
+    speculative verification, engine/speculation.py): the gates stay lazy and never call the
+    checkpoint during it. Per thread: each worker thread owns its own model."""
+    _local.passthrough = True
+    try:
+        yield
+    finally:
+        _local.passthrough = False
+
+
 class _LayerGate:
     """One layer, with a checkpoint after it during prefill. Attribute reads pass through."""
 
@@ -32,7 +49,7 @@ class _LayerGate:
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> Any:
         out = self._layer(x, *args, **kwargs)
-        if x.ndim >= 2 and x.shape[1] > 1:
+        if x.ndim >= 2 and x.shape[1] > 1 and not getattr(_local, "passthrough", False):
             mx.eval(out)
             self._checkpoint()
         return out

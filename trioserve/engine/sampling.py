@@ -41,13 +41,44 @@ def _top_p(params: SamplingParams) -> float:
 
 
 def _seeded_sampler(temperature: float, top_p: float, seed: int) -> Sampler:
-    key = mx.random.key(seed)
+    return SeededSampler(temperature, top_p, seed)
 
-    def sample(logprobs: mx.array) -> mx.array:
-        nonlocal key
-        key, sub = mx.random.split(key)
-        if top_p:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * (1 / temperature), key=sub)
 
-    return sample
+class SeededSampler:
+    """A sampler that owns its PRNG key: each token drawn takes the next key of its chain.
+
+    ``draws``/``advance`` serve speculative verification (engine/speculation.py): the draws
+    at several positions with the keys plain decoding would use there, then the chain moves
+    on only by the positions that became tokens, so the output is the same with or without
+    speculation.
+    """
+
+    def __init__(self, temperature: float, top_p: float, seed: int) -> None:
+        self._inv_temp = 1 / temperature
+        self._top_p = top_p
+        self._key = mx.random.key(seed)
+        self._ahead: list[mx.array] = []  # the chain after each of the latest draws
+
+    def _draw(self, logprobs: mx.array, key: mx.array) -> mx.array:
+        if self._top_p:
+            logprobs = apply_top_p(logprobs, self._top_p)
+        return mx.random.categorical(logprobs * self._inv_temp, key=key)
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        self._key, sub = mx.random.split(self._key)
+        return self._draw(logprobs, sub)
+
+    def draws(self, logprobs: mx.array) -> mx.array:
+        """[n, V] -> [n]: row j drawn with the j-th next key; the chain does not move."""
+        key, out, self._ahead = self._key, [], []
+        for j in range(logprobs.shape[0]):
+            key, sub = mx.random.split(key)
+            self._ahead.append(key)
+            out.append(self._draw(logprobs[j : j + 1], sub).reshape(-1))
+        return mx.concatenate(out)
+
+    def advance(self, used: int) -> None:
+        """The first ``used`` of the latest draws became tokens."""
+        if 0 < used <= len(self._ahead):
+            self._key = self._ahead[used - 1]
+        self._ahead = []

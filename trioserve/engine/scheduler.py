@@ -39,6 +39,7 @@ import trio
 from trioserve.engine.events import Event, Failed, Finished, PrefillProgress, TokenDelta
 from trioserve.engine.params import GenerationRequest
 from trioserve.engine.request_state import Lifecycle, RequestState
+from trioserve.engine.speculation import SpeculationConfig
 from trioserve.engine.worker import (
     Cancel,
     Deliver,
@@ -84,6 +85,15 @@ class EngineStats:
     slots_busy: int
     queue_length: int
     worker: WorkerSnapshot
+    context_tokens: int = 0  # the most one request holds (prompt plus output); 0: not known
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """How full the KV caches are, from 0 to 1: the tokens the batch's caches hold over
+        the most they can hold (every slot at the context length the server admits). The
+        prefix cache's entries, kept for reuse, are not counted. 0 while that is not known."""
+        capacity = self.slots_total * self.context_tokens
+        return min(self.worker.kv_tokens / capacity, 1.0) if capacity > 0 else 0.0
 
 
 class RequestHandle:
@@ -251,8 +261,24 @@ class EngineConfig:
     max_queue: int | None = None  # waiting requests beyond the slots; None: unbounded
     queue_timeout_s: float | None = None  # longest wait for a slot; None: no limit
     prefix_cache_bytes: int = 0  # KV cache kept for prefix reuse; 0: off
+    # Speculative decoding: the default drafting and its sizes (engine/speculation.py).
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    # Prompt plus output tokens one request may hold (so one slot's KV cache at most): the
+    # capacity ``EngineStats.kv_cache_usage`` is measured against; 0: not known.
+    context_tokens: int = 0
     # The seam for tests: builds the worker from its config and the Trio scheduling call.
     worker_factory: WorkerFactory = field(default=Worker)
+
+    def worker_config(self) -> WorkerConfig:
+        """What the MLX worker is built with (on every rank alike, when distributed)."""
+        return WorkerConfig(
+            parallel=self.parallel,
+            prefill_step_size=self.prefill_step_size,
+            solo_prefill_step_size=self.solo_prefill_step_size,
+            prefix_cache_bytes=self.prefix_cache_bytes,
+            speculation=self.speculation,
+            load=self.load,
+        )
 
 
 class Engine:
@@ -278,16 +304,7 @@ class Engine:
         request has been failed with that cause by then.
         """
         token = trio.lowlevel.current_trio_token()
-        worker = self.config.worker_factory(
-            WorkerConfig(
-                parallel=self.config.parallel,
-                prefill_step_size=self.config.prefill_step_size,
-                solo_prefill_step_size=self.config.solo_prefill_step_size,
-                prefix_cache_bytes=self.config.prefix_cache_bytes,
-                load=self.config.load,
-            ),
-            token.run_sync_soon,
-        )
+        worker = self.config.worker_factory(self.config.worker_config(), token.run_sync_soon)
         self._worker = worker
         error: BaseException | None = None
         try:
@@ -393,6 +410,7 @@ class Engine:
             slots_busy=int(self._limiter.borrowed_tokens),
             queue_length=len(self._waiting),
             worker=self._snapshot,
+            context_tokens=self.config.context_tokens,
         )
 
     def request_ids(self) -> list[str]:

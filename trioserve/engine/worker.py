@@ -57,6 +57,7 @@ from trioserve.engine.params import GenerationRequest
 from trioserve.engine.prefill_gate import PrefillCancelled, install_prefill_gates
 from trioserve.engine.prefix_cache import PrefixCache
 from trioserve.engine.sampling import make_request_processors, make_request_sampler
+from trioserve.engine.speculation import SpecBatchGenerator, SpeculationConfig, make_spec_row
 from trioserve.engine.text import StopStringFilter
 from trioserve.engine.token_text import streaming_detokenizer, token_piece
 
@@ -104,7 +105,12 @@ class WorkerSnapshot:
     failures: int = 0
     prefill_cuts: int = 0  # prefill chunks cut short between layers by a cancel
     prefix_cache_bytes: int = 0
+    # Tokens whose keys and values the batch's KV caches hold, summed over its sequences
+    # (queued ones hold their prefix-cache hit); the prefix cache's own entries not included.
+    kv_tokens: int = 0
     idle: bool = False  # nothing to compute, and the memory it used is handed back
+    # Speculative decoding, per draft method: (method, draft tokens proposed, accepted).
+    speculation: tuple[tuple[str, int, int], ...] = ()
 
 
 # Called on the Trio thread with the step's events and the state after the step.
@@ -131,6 +137,7 @@ class _Sequence:
     cached: int = 0  # prompt tokens whose KV came from the prefix cache
     generated: int = 0
     ended: bool = False  # Finished was emitted: no second terminal event
+    spec: Any = None  # its drafting state (engine/speculation.py), where it drafts
 
 
 @dataclass
@@ -139,6 +146,7 @@ class WorkerConfig:
     prefill_step_size: int  # while other sequences decode
     solo_prefill_step_size: int = 0  # when none does; 0: the same as prefill_step_size
     prefix_cache_bytes: int = 0  # 0 turns prefix reuse off
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     load: Callable[[], tuple[Any, Any]] = field(default=lambda: (None, None))
 
 
@@ -159,6 +167,7 @@ class Worker:
         self._model: Any = None
         self._gen: BatchGenerator | None = None
         self._prefix = PrefixCache(config.prefix_cache_bytes)
+        self._draft_totals: dict[str, Any] = {}  # draft counts, kept across fresh batches
 
     # -- thread entry -------------------------------------------------------------------
 
@@ -187,6 +196,7 @@ class Worker:
         self._model, self._tokenizer = self._config.load()
         install_cpu_kernels(self._model)
         install_prefill_gates(self._model, self._prefill_checkpoint)
+        self._after_load()
         self._gen = self._new_generator()
         self._warm_up()
         self._schedule(on_ready, self._tokenizer)
@@ -224,11 +234,14 @@ class Worker:
             self._schedule(deliver, [], self._snapshot)
         while True:
             try:
-                command = self._deferred.popleft() if self._deferred else self.commands.get(block)
+                command = self._deferred.popleft() if self._deferred else self._take_command(block)
             except queue.Empty:
+                if block:  # a quiet while: other ranks are told all is well (distributed)
+                    self._on_idle_tick()
                 break
             block = False
             if isinstance(command, Stop):
+                self._on_stop()
                 return False
             changed = True
             if isinstance(command, Submit):
@@ -253,6 +266,13 @@ class Worker:
             detokenizer = self._detokenizer(req)
             sampler = self._request_sampler(req)
             processors = [_guard_processor(box, p) for p in self._request_processors(req)]
+            spec = make_spec_row(
+                req,
+                self._config.speculation,
+                sampler=sampler,
+                fault=box,
+                has_processors=bool(processors),
+            )
             if sampler is not None:
                 sampler = _guard_sampler(box, sampler)
             prompt = list(req.prompt_tokens)
@@ -265,6 +285,9 @@ class Worker:
                 samplers=[sampler],
                 logits_processors=[processors],
             )
+            if spec is not None:
+                self._gen.attach(uid, spec)
+            self._on_insert(req, cached)
         except Exception as exc:  # a bad request must not take the worker down
             log.exception("request %s could not enter the batch", req.request_id)
             events.append((ticket, Failed(f"could not start generation: {type(exc).__name__}")))
@@ -277,6 +300,7 @@ class Worker:
             prompt_len=len(req.prompt_tokens),
             fault=box,
             cached=cached,
+            spec=spec,
         )
         self._seqs[uid] = seq
         self._by_ticket[ticket] = seq
@@ -304,6 +328,40 @@ class Worker:
     def _next(self) -> tuple[list[Any], list[Any]]:
         return self._gen.next()
 
+    # -- seams of distributed serving (engine/distributed/): what every rank must mirror.
+    # One process: they do nothing.
+
+    _idle_tick_s: float | None = None  # a blocked wait for commands wakes this often
+
+    def _take_command(self, block: bool) -> Submit | Cancel | Stop:
+        """The next command; raises ``queue.Empty`` (at once, or after ``_idle_tick_s``)."""
+        return self.commands.get(block, self._idle_tick_s if block else None)
+
+    def _after_load(self) -> None:
+        """The model is loaded, the batch not built yet."""
+
+    def _on_insert(self, req: GenerationRequest, cached: int) -> None:
+        """A request entered the batch, ``cached`` prompt tokens from the prefix cache."""
+
+    def _on_remove(self, uid: int, keep_cache: bool) -> None:
+        """A sequence is about to leave the batch."""
+
+    def _agree_to_cut(self, cut: bool) -> bool:
+        """Whether the prefill chunk in flight is cut (``cut``: this worker's own view)."""
+        return cut
+
+    def _after_next(self, generation_responses: list[Any]) -> None:
+        """A step's tokens are out of the model."""
+
+    def _on_batch_failed(self, exc: Exception) -> None:
+        """A step or a removal raised; raise here to end the worker instead of going on."""
+
+    def _on_idle_tick(self) -> None:
+        """Nothing arrived for ``_idle_tick_s``."""
+
+    def _on_stop(self) -> None:
+        """``Stop`` was taken: the worker ends after this."""
+
     # -- removal ------------------------------------------------------------------------
 
     def _cancel(self, ticket: Ticket, events: list[tuple[Ticket, Event]]) -> None:
@@ -319,6 +377,7 @@ class Worker:
         prefix cache (a failure there only loses the reuse, never the answer)."""
         self._seqs.pop(seq.uid, None)
         self._by_ticket.pop(seq.ticket, None)
+        self._on_remove(seq.uid, keep_cache)
         caches = self._gen.remove([seq.uid], return_prompt_caches=keep_cache)
         if keep_cache and seq.uid in caches:
             cache, tokens = caches[seq.uid]
@@ -357,6 +416,8 @@ class Worker:
         try:
             self._choose_prefill_step()
             prompt_responses, generation_responses = self._next()
+            self._after_next(generation_responses)
+            self._count_drafts()
         except PrefillCancelled:
             self._restart_after_cut()
             return
@@ -384,6 +445,11 @@ class Worker:
             except Exception as exc:
                 self._fail_one(seq, exc, events)
 
+    def _count_drafts(self) -> None:
+        counts = getattr(self._gen, "counts", None)
+        if counts is not None and self._gen.totals:
+            self._snapshot = replace(self._snapshot, speculation=counts())
+
     def _choose_prefill_step(self) -> None:
         """Short prefill chunks while others decode (each chunk holds them up), long ones
         when nobody waits on the step (faster; a hang-up still cuts in between layers)."""
@@ -404,7 +470,8 @@ class Worker:
             except queue.Empty:
                 break
         cancelled = {c.ticket for c in self._deferred if isinstance(c, Cancel)}
-        if self._seqs and all(seq.ticket in cancelled for seq in self._seqs.values()):
+        cut = bool(self._seqs) and all(seq.ticket in cancelled for seq in self._seqs.values())
+        if self._agree_to_cut(cut):
             raise PrefillCancelled
 
     def _restart_after_cut(self) -> None:
@@ -443,7 +510,10 @@ class Worker:
         # An end-of-sequence token is not part of the answer.
         completion = seq.generated - (1 if is_eos else 0)
         usage = Usage(
-            prompt_tokens=seq.prompt_len, completion_tokens=completion, cached_tokens=seq.cached
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=completion,
+            cached_tokens=seq.cached,
+            **_prediction_usage(seq),
         )
         events.append((seq.ticket, Finished(reason, usage, seq.stops.matched)))
         seq.ended = True
@@ -472,6 +542,7 @@ class Worker:
 
     def _fail_all(self, exc: Exception, events: list[tuple[Ticket, Event]]) -> None:
         """A step raised: fail everything in the batch, then start from a fresh batch."""
+        self._on_batch_failed(exc)
         log.error(
             "model step failed; failing %d request(s): %s",
             len(self._seqs),
@@ -493,8 +564,10 @@ class Worker:
 
     def _new_generator(self) -> BatchGenerator:
         eos = [[t] for t in sorted(self._tokenizer.eos_token_ids)]
-        return BatchGenerator(
+        return SpecBatchGenerator(
             self._model,
+            speculation=self._config.speculation,
+            totals=self._draft_totals,
             stop_tokens=eos,
             completion_batch_size=self._config.parallel,
             prefill_batch_size=self._config.parallel,
@@ -512,10 +585,20 @@ class Worker:
         log.debug("warm-up took %.2f s", time.perf_counter() - started)
 
     def _snapshot_now(self) -> WorkerSnapshot:
-        stats = self._gen._counters  # mlx-lm keeps running totals here
+        gen = self._gen
+        stats = gen._counters  # mlx-lm keeps running totals here
+        # mlx-lm keeps, per sequence, the list of the tokens its KV cache holds (``tokens``;
+        # the prefix-cache hit, ``all_tokens``, while still queued): Python lists, so this
+        # reads no MLX array and costs nothing next to a step.
+        kv_tokens = (
+            sum(len(queued[4]) for queued in gen._unprocessed_sequences)
+            + sum(map(len, gen._prompt_batch.tokens))
+            + sum(map(len, gen._generation_batch.tokens))
+        )
         self._snapshot = replace(
             self._snapshot,
-            in_batch=_batch_size(self._gen),
+            in_batch=_batch_size(gen),
+            kv_tokens=kv_tokens,
             tracked=len(self._seqs),
             prefix_cache_bytes=self._prefix.nbytes,
             idle=False,
@@ -560,6 +643,18 @@ def _guard_sampler(box: _FaultBox, sampler: Callable) -> Callable:
         return mx.argmax(logprobs, axis=-1)
 
     return guarded
+
+
+def _prediction_usage(seq: _Sequence) -> dict[str, int]:
+    """A predicted output's accepted and rejected draft tokens, for the usage."""
+    spec = seq.spec
+    if spec is None or spec.method != "prediction":
+        return {}
+    stats = spec.by_method.get("prediction") or type(spec.stats)()  # its own drafts only
+    return {
+        "accepted_prediction_tokens": stats.accepted,
+        "rejected_prediction_tokens": stats.proposed - stats.accepted,
+    }
 
 
 def _describe(exc: BaseException) -> str:

@@ -34,8 +34,12 @@ def _eos_ids_from_files(path: Path) -> list[int]:
     return [int(i) for i in ids]
 
 
-def load_model(path: Path) -> tuple[Any, Any]:
+def load_model(path: Path, shard_group: Any = None) -> tuple[Any, Any]:
     """`mlx_lm.load` a local model directory; returns (model, TokenizerWrapper).
+
+    With ``shard_group`` (an ``mx.distributed`` group), keep only this rank's tensor-parallel
+    shard (mlx-lm's ``model.shard``): the weights are read lazily, so each rank holds only
+    its own part once they are evaluated.
 
     Raises ModelLoadError (one line, naming `path`) on any failure, including a tokenizer
     without end-of-sequence ids (generation would never stop).
@@ -43,10 +47,22 @@ def load_model(path: Path) -> tuple[Any, Any]:
     path = Path(path)
     if not path.is_dir():  # never let mlx-lm treat it as a hub repo id
         raise ModelLoadError(path, "no such model directory")
+    if shard_group is not None:
+        _check_shardable(path, shard_group.size())
     try:
+        import mlx.core as mx
         import mlx_lm
 
-        model, tokenizer = mlx_lm.load(str(path))
+        model, tokenizer = mlx_lm.load(str(path), lazy=shard_group is not None)
+        if shard_group is not None:
+            if not hasattr(model, "shard"):
+                raise ModelLoadError(
+                    path, f"mlx-lm has no tensor-parallel sharding for {type(model).__module__}"
+                )
+            model.shard(shard_group)
+            mx.eval(model.parameters())
+    except ModelLoadError:
+        raise
     except Exception as exc:
         raise ModelLoadError(path, f"{type(exc).__name__}: {exc}") from exc
     if not tokenizer.eos_token_ids:
@@ -55,6 +71,20 @@ def load_model(path: Path) -> tuple[Any, Any]:
     if not tokenizer.eos_token_ids:
         raise ModelLoadError(path, "the tokenizer has no end-of-sequence token id")
     return model, tokenizer
+
+
+def _check_shardable(path: Path, ranks: int) -> None:
+    """mlx-lm divides the attention heads (and KV heads) by the number of ranks."""
+    config = _read_json(path / "config.json")
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads", heads)
+    for what, count in (("attention heads", heads), ("KV heads", kv_heads)):
+        if isinstance(count, int) and count % ranks:
+            raise ModelLoadError(
+                path,
+                f"its {count} {what} cannot be split over {ranks} ranks: launch a number of "
+                f"ranks that divides both {heads} and {kv_heads}",
+            )
 
 
 def model_context_length(path: Path) -> int:

@@ -41,11 +41,24 @@ def error_payload(
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
-    return {
+    out = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+    if usage.accepted_prediction_tokens is not None:  # the request had a prediction
+        out["completion_tokens_details"] = prediction_details(usage)
+    return out
+
+
+def prediction_details(usage: Usage) -> dict[str, int]:
+    """Predicted Outputs, in OpenAI's fields: the prediction's tokens the model accepted,
+    and those it verified and rejected (computed for nothing). ``completion_tokens`` counts
+    the answer's own tokens only."""
+    return {
+        "accepted_prediction_tokens": usage.accepted_prediction_tokens or 0,
+        "rejected_prediction_tokens": usage.rejected_prediction_tokens or 0,
     }
 
 

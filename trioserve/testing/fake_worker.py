@@ -160,4 +160,5 @@ class FakeWorker:
 
     def _snapshot(self) -> WorkerSnapshot:
         n = len(self._seqs)
-        return WorkerSnapshot(in_batch=n, tracked=n, steps=self.steps)
+        kv_tokens = sum(s.processed + s.generated for s in self._seqs.values())
+        return WorkerSnapshot(in_batch=n, tracked=n, steps=self.steps, kv_tokens=kv_tokens)

@@ -27,6 +27,8 @@ def chat_to_neutral(parsed: ChatCompletionRequest) -> NeutralRequest:
         tool_choice=parsed.tool_choice,
         response_format=parsed.response_format,
         parallel_tool_calls=parsed.parallel_tool_calls is not False,
+        prediction=parsed.prediction.text() if parsed.prediction is not None else None,
+        speculation=parsed.speculation,
         **_sampling(parsed),
         prompt_param="messages",
     )
@@ -34,7 +36,13 @@ def chat_to_neutral(parsed: ChatCompletionRequest) -> NeutralRequest:
 
 def completion_to_neutral(parsed: CompletionRequest) -> NeutralRequest:
     prompt = parsed.prompt if isinstance(parsed.prompt, str) else tuple(parsed.prompt)
-    return NeutralRequest(prompt=prompt, **_sampling(parsed), prompt_param="prompt")
+    return NeutralRequest(
+        prompt=prompt,
+        prediction=parsed.prediction.text() if parsed.prediction is not None else None,
+        speculation=parsed.speculation,
+        **_sampling(parsed),
+        prompt_param="prompt",
+    )
 
 
 def _sampling(parsed: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:

@@ -42,6 +42,8 @@ class NeutralRequest:
     top_logprobs: int = 0
     stream: bool = False
     include_usage: bool = False  # Chat's stream_options.include_usage
+    prediction: str | None = None  # Predicted Outputs: the draft for speculative decoding
+    speculation: str | None = None  # "off" | "prompt-lookup"; None: the server's default
     # Where a problem is reported: the dialect's own field names.
     prompt_param: str = "messages"
     format_param: str = "response_format"
@@ -80,4 +82,5 @@ class NeutralRequest:
             sampling=self.sampling_params(default_temperature),
             request_id=request_id,
             continues_prompt=not self.is_chat,
+            speculation=self.speculation,
         )

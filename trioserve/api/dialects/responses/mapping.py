@@ -127,6 +127,8 @@ def to_neutral(
         top_logprobs=(req.top_logprobs or 0) if logprobs else 0,
         stream=req.stream,
         include_usage=False,
+        prediction=req.prediction.text() if req.prediction is not None else None,
+        speculation=req.speculation,
         prompt_param="input",
         format_param="text.format",
     )

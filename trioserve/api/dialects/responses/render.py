@@ -17,6 +17,7 @@ from typing import Any
 
 from trioserve.engine.events import TokenDelta, Usage
 from trioserve.output import sse
+from trioserve.output.chunks import prediction_details
 from trioserve.output.pieces import (
     ContentPiece,
     Piece,
@@ -300,7 +301,8 @@ def _usage(usage: Usage, reasoning_tokens: int) -> dict[str, Any]:
         "input_tokens_details": {"cached_tokens": usage.cached_tokens},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {
-            "reasoning_tokens": min(reasoning_tokens, usage.completion_tokens)
+            "reasoning_tokens": min(reasoning_tokens, usage.completion_tokens),
+            **(prediction_details(usage) if usage.accepted_prediction_tokens is not None else {}),
         },
         "total_tokens": usage.total_tokens,
     }

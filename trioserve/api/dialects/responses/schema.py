@@ -37,7 +37,13 @@ from pydantic import (
     model_validator,
 )
 
-from trioserve.api.schemas import MAX_SEED, check_stop, parse_body
+from trioserve.api.schemas import (
+    MAX_SEED,
+    Prediction,
+    SpeculationMode,
+    check_stop,
+    parse_body,
+)
 
 __all__ = [
     "CustomToolCallItem",
@@ -348,6 +354,8 @@ class ResponsesRequest(_Model):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)  # not OpenAI's; as in Chat
     stop: str | list[str] | None = None  # not OpenAI's; as in Chat
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    prediction: Prediction | None = None  # not OpenAI's here; as in Chat
+    speculation: SpeculationMode | None = None  # not OpenAI's; as in Chat
     reasoning: ReasoningConfig | None = None
     include: list[str] | None = None
     metadata: dict[str, str] | None = None
