@@ -46,7 +46,7 @@ from bench_common import (
     story_messages,
 )
 
-from trioserve.testing import SSEParser, free_port, serve_argv, start_server
+from trioserve.testing import free_port, serve_argv, start_server
 
 SOURCE = (ROOT / "tests" / "fixtures" / "speculation" / "inventory.py").read_text()
 EDITED = SOURCE.replace("Inventory", "Stock")
@@ -89,39 +89,17 @@ def chat_body(max_tokens: int, mode: str, nonce: str, index: int) -> dict[str, A
     }
 
 
-async def stream_completion(client: httpx.AsyncClient, base: str, body, result) -> None:
-    """As bench/client.py's ``stream_chat``, on /v1/completions (tokens in ``text``)."""
-    result.trace.sent_at = time.perf_counter()
-    async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            result.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
-            return
-        parser = SSEParser()
-        async for text in resp.aiter_text():
-            now = time.perf_counter()
-            for event in parser.feed(text):
-                if event.is_comment:
-                    continue
-                if event.is_done:
-                    return
-                chunk = event.json()
-                if chunk.get("usage"):
-                    result.trace.tokens = chunk["usage"].get("completion_tokens")
-                if any((c.get("text") or "") for c in chunk.get("choices") or ()):
-                    result.trace.token_times.append(now)
-
-
 async def run_streams(base: str, bodies: list[dict[str, Any]]) -> list[StreamResult]:
     results = [StreamResult() for _ in bodies]
     async with httpx.AsyncClient(timeout=None, trust_env=False) as client:
         async with trio.open_nursery() as nursery:
             for body, result in zip(bodies, results, strict=True):
-                if "prompt" in body:
-                    nursery.start_soon(stream_completion, client, base, body, result)
-                else:
-                    nursery.start_soon(
-                        lambda b=body, r=result: stream_chat(client, base, b, r, limit_s=900)
+                path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+                nursery.start_soon(
+                    lambda b=body, r=result, p=path: stream_chat(
+                        client, base, b, r, limit_s=900, path=p
                     )
+                )
     for r in results:
         if r.error:
             raise SystemExit(f"a request failed: {r.error}")

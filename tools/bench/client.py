@@ -53,16 +53,18 @@ async def stream_chat(
     *,
     limit_s: float,
     on_token: Callable[[StreamResult], bool] | None = None,
+    path: str = "/v1/chat/completions",
 ) -> StreamResult:
     """POST a streamed chat request and record, into ``result``, when each token arrives.
 
     ``on_token`` returning True hangs up (closes the connection). Cancelling the caller's
-    scope hangs up too; ``result`` keeps what arrived until then.
+    scope hangs up too; ``result`` keeps what arrived until then. ``path``: another
+    endpoint of the same stream shape (``/v1/completions``: tokens in ``choices[].text``).
     """
     result.trace.sent_at = time.perf_counter()
     try:
         with trio.move_on_after(limit_s) as scope:
-            await _read_stream(client, base_url, body, result, on_token)
+            await _read_stream(client, base_url + path, body, result, on_token)
     except (httpx.HTTPError, json.JSONDecodeError) as exc:  # a dead server, a broken stream
         result.error = f"{type(exc).__name__}: {exc}"[:200]
         return result
@@ -73,12 +75,12 @@ async def stream_chat(
 
 async def _read_stream(
     client: httpx.AsyncClient,
-    base_url: str,
+    url: str,
     body: dict[str, Any],
     result: StreamResult,
     on_token: Callable[[StreamResult], bool] | None,
 ) -> None:
-    async with client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as resp:
+    async with client.stream("POST", url, json=body) as resp:
         if resp.status_code != 200:
             result.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
             return
@@ -107,7 +109,7 @@ def _record(chunk: dict[str, Any], result: StreamResult) -> bool:
         result.prompt_tokens = chunk["usage"].get("prompt_tokens")
     got_token = False
     for choice in chunk.get("choices") or ():
-        if (choice.get("delta") or {}).get("content"):
+        if (choice.get("delta") or {}).get("content") or choice.get("text"):
             got_token = True
         result.finish_reason = choice.get("finish_reason") or result.finish_reason
     return got_token
