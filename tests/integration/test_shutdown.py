@@ -236,3 +236,25 @@ def _read_until_closed(client: socket.socket, within_s: float) -> bytes:
 
 def _line_index(lines: list[str], text: str) -> int | None:
     return next((i for i, line in enumerate(lines) if text in line), None)
+
+
+def test_an_idle_keep_alive_connection_does_not_hold_the_exit_up(tmp_path):
+    """A client that keeps its connection open after its answers (every SDK does) is idle:
+    SIGTERM closes it at once rather than waiting out the grace period for it. (Hypercorn's
+    keep-alive timer used to be cancelled by Quart-Trio at the end of each response, so the
+    connection was never seen as idle: the server.py ``shield_response_end`` note.)"""
+    port = free_port()
+    argv = serve_argv(port, "--shutdown-grace", "60")
+    log_path = tmp_path / "server.log"
+    server = start_server(argv, port, log_path=log_path)
+    try:
+        with httpx.Client(trust_env=False, timeout=60) as client:
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+            assert client.post(server.v1 + "/chat/completions", json=body).status_code == 200
+            assert client.get(server.url + "/health").status_code == 200  # the same connection
+            assert server.stop(timeout_s=30) == 0  # within the 60 s grace, or it was killed
+    finally:
+        server.stop()
+    log = log_path.read_text()
+    assert "received SIGTERM" in log and "stopped" in log
+    assert "grace period over" not in log
