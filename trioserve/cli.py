@@ -234,8 +234,17 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         help="speculative decoding for requests that do not choose: prompt-lookup drafts "
         "the continuation of a match of the last tokens in the prompt or the output, "
         "verified in the batch (greedy output unchanged; fastest when the answer repeats the "
-        "prompt, e.g. code edits); a request's `prediction` always drafts "
+        "prompt, e.g. code edits); draft-model drafts with --draft-model; a request's "
+        "`prediction` always drafts "
         "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--draft-model",
+        metavar="SOURCE",
+        default=None,
+        help="a smaller model with the same tokenizer (any source --model accepts) that "
+        "drafts tokens for requests with speculation draft-model (or all of them, with "
+        "--speculation draft-model); checked against the model's tokenizer at start-up",
     )
     p.add_argument(
         "--speculation-draft-tokens",
@@ -522,6 +531,7 @@ FLAGS = {
     "prefix_cache_mb": "--prefix-cache-mb",
     "speculation": "--speculation",
     "speculation_draft_tokens": "--speculation-draft-tokens",
+    "draft_model": "--draft-model",
     "queue_timeout_s": "--queue-timeout",
     "send_timeout_s": "--send-timeout",
     "shutdown_grace_s": "--shutdown-grace",
@@ -572,6 +582,7 @@ def _serve_config(args: argparse.Namespace, model_dir: Path | None = None):  # -
         prefix_cache_mb=args.prefix_cache_mb,
         speculation=args.speculation,
         speculation_draft_tokens=args.speculation_draft_tokens,
+        draft_model=args.draft_model,
         queue_timeout_s=args.queue_timeout or None,  # 0: no limit
         send_timeout_s=args.send_timeout,
         shutdown_grace_s=args.shutdown_grace,

@@ -22,7 +22,7 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The smallest --ctx-size: a chat template's own markup takes a dozen tokens, so anything
 # below this could not hold a one-word question and its answer.
 MIN_CTX_SIZE = 16
-SPECULATION_MODES = ("off", "prompt-lookup")  # as engine/speculation.py's MODES
+SPECULATION_MODES = ("off", "prompt-lookup", "draft-model")  # as engine/speculation.py's MODES
 
 
 class ConfigError(ValueError):
@@ -87,9 +87,11 @@ class ServerConfig:
     chat_template: Path | None = None  # a Jinja file that overrides the model's chat template
     prefix_cache_mb: int = 512  # KV cache kept to reuse shared prompt prefixes; 0: off
     # Speculative decoding for requests that do not choose (a ``prediction`` always drafts):
-    # off | prompt-lookup; and the most draft tokens one sequence proposes per step.
+    # off | prompt-lookup | draft-model; and the most draft tokens one sequence proposes per
+    # step. ``draft_model``: a model source (as ``model``) with the same tokenizer.
     speculation: str = "off"
     speculation_draft_tokens: int = 10
+    draft_model: str | None = None
     max_queue: int | None = 64  # requests waiting for a slot before 429; None: unbounded
     queue_timeout_s: float | None = 300.0  # longest wait for a slot; None: no limit
     send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is dropped
@@ -212,6 +214,8 @@ def _validate(c: ServerConfig) -> None:
             f"must be one of {', '.join(SPECULATION_MODES)}, got {c.speculation!r}",
         )
     _at_least("speculation_draft_tokens", c.speculation_draft_tokens, 1)
+    if c.speculation == "draft-model" and not c.draft_model:
+        raise ConfigError("speculation", "draft-model needs a draft model: give --draft-model")
     if c.max_queue is not None:
         _at_least("max_queue", c.max_queue, 0)
     _positive("heartbeat_interval_s", c.heartbeat_interval_s)

@@ -14,7 +14,7 @@ from pathlib import Path
 import trio
 import trio.lowlevel
 
-from tests.engine.conftest import collect, finish_of, text_of, tokens_of, wait_for
+from tests.engine.conftest import chat_request, collect, finish_of, text_of, tokens_of, wait_for
 from trioserve.engine.events import Failed, Finished, TokenDelta
 from trioserve.engine.params import GenerationRequest, SamplingParams
 from trioserve.engine.speculation import SpeculationConfig
@@ -167,3 +167,25 @@ async def test_cancel_mid_verification_frees_the_slot(open_engine):
         again = await collect(engine, replace(request, max_tokens=16))
         plain = await collect(engine, replace(request, max_tokens=16, prediction_tokens=None))
         assert tokens_of(again) == tokens_of(plain)
+
+
+async def test_a_draft_model_drafts_and_the_answer_is_the_same(open_engine, model_dir):
+    """``--draft-model`` with the model itself as the draft: every draft should be taken
+    (the same greedy choices), and the answer is the one plain decoding gives. A prompt
+    longer than the draft's catch-up chunk checks that it reads the prompt over several
+    steps before it drafts."""
+    from trioserve.models.loading import load_model
+
+    speculation = SpeculationConfig(
+        load_draft=lambda: load_model(model_dir), draft_prefill_chunk=32
+    )
+    async with open_engine(parallel=2, speculation=speculation) as engine:
+        request = chat_request(engine, "Count from one to twenty in words.", max_tokens=40)
+        assert len(request.prompt_tokens) > 32
+        plain = await collect(engine, request)
+        assert drafts(engine) == {}
+        drafted = await collect(engine, replace(request, speculation="draft-model"))
+        counts = drafts(engine)
+    assert tokens_of(drafted) == tokens_of(plain)
+    proposed, accepted = counts["draft-model"]
+    assert accepted >= 20 and accepted >= 0.8 * proposed, counts

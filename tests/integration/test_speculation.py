@@ -142,3 +142,38 @@ def test_metrics_count_draft_tokens_per_method(server, client):
     proposed = values["trioserve_speculative_draft_tokens_total"]
     accepted = values["trioserve_speculative_accepted_tokens_total"]
     assert 0 < accepted <= proposed
+
+
+def test_draft_model_mode_needs_a_draft_model(client):
+    with pytest.raises(openai.BadRequestError, match="--draft-model") as caught:
+        client.chat.completions.create(
+            model="m",
+            messages=QUESTION,
+            max_tokens=4,
+            extra_body={"speculation": "draft-model"},
+        )
+    assert caught.value.body["param"] == "speculation"
+
+
+def test_a_draft_model_over_http(launch, model_dir):
+    """``--draft-model`` (here the model itself, so its drafts are right) from the command
+    line: requests draft with it by default, the answer is the model's own, and /metrics
+    counts the drafts under their method."""
+    server = launch("--draft-model", str(model_dir), "--speculation", "draft-model")
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=300)
+
+    def ask(**extra) -> str:
+        r = client.chat.completions.create(
+            model="m", messages=QUESTION, max_tokens=24, temperature=0, extra_body=extra
+        )
+        return r.choices[0].message.content
+
+    assert ask() == ask(speculation="off")
+    text = httpx.get(server.url + "/metrics", timeout=30, trust_env=False).text
+    accepted = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("trioserve_speculative_accepted_tokens_total")
+        and 'method="draft-model"' in line
+    ]
+    assert accepted and accepted[0] > 0, text

@@ -1,5 +1,5 @@
-"""``--speculation`` and ``--speculation-draft-tokens``: from the command line (or the
-environment) to the engine's speculation settings."""
+"""``--speculation``, ``--speculation-draft-tokens`` and ``--draft-model``: from the command
+line (or the environment) to the engine's speculation settings."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 from trioserve.api.app import engine_config
 from trioserve.cli import _serve_config, build_parser
 from trioserve.config import ConfigError, ServerConfig
+from trioserve.engine.draft_model import DraftModelMismatch, check_same_tokenizer
 
 
 def _config(*argv: str) -> ServerConfig:
@@ -38,3 +39,29 @@ def test_bad_values_are_config_errors(values, needle):
 def test_an_unknown_mode_is_refused_on_the_command_line(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--speculation", "sometimes"])
+
+
+def test_a_draft_model_reaches_the_engine(model_dir):
+    config = _config("--speculation", "draft-model", "--draft-model", str(model_dir))
+    assert config.draft_model == str(model_dir)
+    engine = engine_config(config, model_dir, context_length=8192)
+    assert engine.speculation.mode == "draft-model"
+    assert engine.speculation.load_draft is not None
+    assert engine_config(_config(), model_dir, 8192).speculation.load_draft is None
+
+
+class _Tokenizer:
+    def __init__(self, vocab: dict[str, int], eos: set[int]) -> None:
+        self._vocab, self.eos_token_ids = vocab, eos
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._vocab
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused():
+    ours = _Tokenizer({"a": 0, "b": 1, "</s>": 2}, {2})
+    check_same_tokenizer(ours, _Tokenizer({"a": 0, "b": 1, "</s>": 2}, {2}))
+    with pytest.raises(DraftModelMismatch, match="tokenizer is not the model's"):
+        check_same_tokenizer(ours, _Tokenizer({"a": 0, "c": 1, "</s>": 2}, {2}))
+    with pytest.raises(DraftModelMismatch, match="end-of-sequence"):
+        check_same_tokenizer(ours, _Tokenizer({"a": 0, "b": 1, "</s>": 2}, {1}))

@@ -199,6 +199,10 @@ def engine_config(
     group = current_group()
     shard = group.group if group is not None else None
     extra = {"worker_factory": worker_factory} if worker_factory is not None else {}
+    load_draft = None
+    if config.draft_model and group is None:  # the ranks do not draft (yet)
+        draft_dir = _resolve(config, config.draft_model).path
+        load_draft = partial(load_model, draft_dir)
     return EngineConfig(
         load=lambda: _load_on_worker(partial(load_model, shard_group=shard), model_dir),
         parallel=config.parallel,
@@ -211,6 +215,7 @@ def engine_config(
             mode=config.speculation,
             num_draft=config.speculation_draft_tokens,
             allowed=group is None,  # the ranks of a group do not share drafts (yet)
+            load_draft=load_draft,
         ),
         context_tokens=config.context_limit(context_length),
         **extra,

@@ -174,6 +174,11 @@ def prepare(
     # ends with finish_reason "length"), as llama.cpp and mlx-lm do, rather than refused.
     room = context_limit(state, served) - len(tokens)
     gen = replace(gen, max_tokens=min(gen.max_tokens, room))
+    if parsed.speculation == "draft-model" and not state.config.draft_model:
+        raise BadRequest(
+            "speculation 'draft-model' needs a server started with --draft-model",
+            param="speculation",
+        )
     if parsed.prediction:  # Predicted Outputs: tokenized here, off the MLX thread
         predicted = tokenizer.encode(parsed.prediction, add_special_tokens=False)
         gen = replace(gen, prediction_tokens=tuple(predicted))

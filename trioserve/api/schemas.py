@@ -144,7 +144,7 @@ class Prediction(_Model):
 
 
 # Not OpenAI's: this server's per-request choice of drafting without a prediction.
-SpeculationMode = Literal["off", "prompt-lookup"]
+SpeculationMode = Literal["off", "prompt-lookup", "draft-model"]
 
 
 class SamplingRequest(_Model):

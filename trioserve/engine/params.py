@@ -43,8 +43,8 @@ class GenerationRequest:
             leading space of the first token is kept.
         prediction_tokens: a predicted output (OpenAI ``prediction``), tokenized: the source
             of draft tokens for speculative decoding, always used when given.
-        speculation: this request's drafting without a prediction: "off" or
-            "prompt-lookup"; None: the server's default (``--speculation``).
+        speculation: this request's drafting without a prediction: "off",
+            "prompt-lookup" or "draft-model"; None: the server's default (``--speculation``).
     """
 
     prompt_tokens: tuple[int, ...]

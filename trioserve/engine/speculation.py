@@ -38,19 +38,20 @@ verify are capped for the whole batch (``step_budget``), so many streams draft l
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, GenerationBatch
 from mlx_lm.models.cache import BatchKVCache, dynamic_roll
 
+from trioserve.engine.draft_model import DRAFT_MODEL, DraftModel
 from trioserve.engine.prefill_gate import passthrough
 
 log = logging.getLogger(__name__)
 
-MODES = ("off", "prompt-lookup")
+MODES = ("off", "prompt-lookup", "draft-model")
 PROMPT_LOOKUP = "prompt-lookup"
 PREDICTION = "prediction"
 
@@ -74,6 +75,10 @@ class SpeculationConfig:
     # False: nothing drafts, predictions included. Distributed serving (mlx.launch) sets it:
     # every rank must run the same model calls, and the ranks do not share drafts yet.
     allowed: bool = True
+    # ``--draft-model``: called once on the MLX thread, returns (model, tokenizer); None: no
+    # draft model, and the draft-model mode is refused where a request asks for it.
+    load_draft: Callable[[], tuple[Any, Any]] | None = field(default=None, compare=False)
+    draft_prefill_chunk: int = 128  # prompt tokens the draft model reads per step, catching up
 
 
 # -- drafters ----------------------------------------------------------------------------
@@ -227,12 +232,19 @@ class SpecRow:
             self.drafter.observe(kv_tokens[self.seen :])
             self.seen = len(kv_tokens)
 
-    def draft(self, limit: int) -> list[int]:
-        """Up to ``limit`` tokens to follow the pending token, which the drafter has not
-        seen: it proposes one more, its guess of the pending token, and that one is dropped
-        (a wrong guess only costs acceptance: every draft is verified)."""
+    @property
+    def needs_pending(self) -> bool:
+        return getattr(self.drafter, "needs_pending", False)
+
+    def draft(self, limit: int, pending: int | None = None) -> list[int]:
+        """Up to ``limit`` tokens to follow the pending token. A lookup drafter is not told
+        it (it is still being computed): it proposes one more, its guess of the pending
+        token, and that one is dropped (a wrong guess only costs acceptance: every draft is
+        verified). A draft model is given it (``needs_pending``)."""
         if limit <= 0:
             return []
+        if pending is not None and self.needs_pending:
+            return self.drafter.propose_after(pending, min(self.k, limit))
         return self.drafter.propose(min(self.k, limit) + 1)[1:]
 
     @property
@@ -310,12 +322,13 @@ def make_spec_row(
     sampler: Any,
     fault: Any,
     has_processors: bool,
+    draft_model: DraftModel | None = None,
 ) -> SpecRow | None:
     """The drafting state for one request, or None where it does not draft.
 
-    A request drafts from its ``prediction`` whenever it has one, else by prompt lookup
-    where its ``speculation`` (or the server's default) says so. Sequences with logits
-    processors never draft (see the module docstring).
+    A request drafts from its ``prediction`` whenever it has one, else by prompt lookup or
+    with the draft model where its ``speculation`` (or the server's default) says so.
+    Sequences with logits processors never draft (see the module docstring).
     """
     if has_processors or not config.allowed:
         return None
@@ -349,6 +362,9 @@ def make_spec_row(
             PROMPT_LOOKUP, source=None, ngram_min=config.ngram_min, ngram_max=config.ngram_max
         )
         return SpecRow(drafter, config, sampler=sampler, fault=fault)
+    if mode == DRAFT_MODEL and draft_model is not None:
+        drafter = draft_model.drafter(config.draft_prefill_chunk)
+        return SpecRow(drafter, config, sampler=sampler, fault=fault)
     return None
 
 
@@ -380,13 +396,19 @@ class SpecGenerationBatch(GenerationBatch):
         # (its first token a guess of the pending one, dropped), so nothing waits here and
         # a step without drafts keeps mlx-lm's pipelining.
         drafts: list[list[int]] = [[] for _ in self.uids]
+        # A draft model is told the pending token, so it waits for this step's last one;
+        # its own forward passes would queue behind it on the same stream anyway.
+        pending = (
+            self._next_tokens.tolist() if any(rows[i].needs_pending for i in wanting) else None
+        )
         for i in wanting:
             row = rows[i]
             try:
                 row.catch_up(self.tokens[i])
                 # Never past max_tokens: pending is one token, each accepted draft another.
                 room = self.max_tokens[i] - self._num_tokens[i] - 1
-                drafts[i] = row.draft(min(width_cap - 1, room))
+                after = pending[i] if pending is not None else None
+                drafts[i] = row.draft(min(width_cap - 1, room), after)
             except Exception as exc:  # a drafter's bug costs its sequence, not the batch
                 drafts[i] = []
                 if row.fault is not None and row.fault.error is None:

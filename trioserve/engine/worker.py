@@ -43,6 +43,7 @@ from mlx_lm.generate import BatchGenerator
 
 from trioserve.engine.constraints import make_constraint_processor
 from trioserve.engine.cpu_kernels import install_cpu_kernels
+from trioserve.engine.draft_model import DraftModel, load_draft_model
 from trioserve.engine.events import (
     Event,
     Failed,
@@ -165,6 +166,7 @@ class Worker:
         self._snapshot = WorkerSnapshot()
         self._tokenizer: Any = None
         self._model: Any = None
+        self._draft_model: DraftModel | None = None  # --draft-model, where one is given
         self._gen: BatchGenerator | None = None
         self._prefix = PrefixCache(config.prefix_cache_bytes)
         self._draft_totals: dict[str, Any] = {}  # draft counts, kept across fresh batches
@@ -196,6 +198,7 @@ class Worker:
         self._model, self._tokenizer = self._config.load()
         install_cpu_kernels(self._model)
         install_prefill_gates(self._model, self._prefill_checkpoint)
+        self._load_draft_model()
         self._after_load()
         self._gen = self._new_generator()
         self._warm_up()
@@ -216,10 +219,22 @@ class Worker:
         unloaded model (engine/pool.py) must free its memory for the next one."""
         self._gen = None
         self._model = None
+        self._draft_model = None
         self._prefix = PrefixCache(0)
         gc.collect()  # the prefill gates tie the model's layers to this worker: a cycle
         mx.clear_cache()
         release_free_heap()
+
+    def _load_draft_model(self) -> None:
+        """``--draft-model``: loaded beside the model, on this thread, and refused at start-up
+        unless its tokenizer is the model's (its token ids would mean other text)."""
+        load = self._config.speculation.load_draft
+        if load is None:
+            return
+        started = time.perf_counter()
+        self._draft_model = load_draft_model(load, self._tokenizer)
+        install_cpu_kernels(self._draft_model.model)
+        log.info("draft model loaded in %.1f s", time.perf_counter() - started)
 
     def _serve_once(self, deliver: Deliver) -> bool:
         events: list[tuple[Ticket, Event]] = []
@@ -272,6 +287,7 @@ class Worker:
                 sampler=sampler,
                 fault=box,
                 has_processors=bool(processors),
+                draft_model=self._draft_model,
             )
             if sampler is not None:
                 sampler = _guard_sampler(box, sampler)

@@ -43,7 +43,8 @@ class NeutralRequest:
     stream: bool = False
     include_usage: bool = False  # Chat's stream_options.include_usage
     prediction: str | None = None  # Predicted Outputs: the draft for speculative decoding
-    speculation: str | None = None  # "off" | "prompt-lookup"; None: the server's default
+    # "off" | "prompt-lookup" | "draft-model"; None: the server's default
+    speculation: str | None = None
     # Where a problem is reported: the dialect's own field names.
     prompt_param: str = "messages"
     format_param: str = "response_format"
