@@ -131,7 +131,9 @@ async def test_speculation_keeps_stop_strings_max_tokens_and_logprobs(open_engin
         )
         assert len(tokens_of(short)) == 7 and finish_of(short).usage.completion_tokens == 7
 
-        with_lp = replace(base, sampling=SamplingParams(logprobs=True, top_logprobs=2))
+        with_lp = replace(
+            base, max_tokens=24, sampling=SamplingParams(logprobs=True, top_logprobs=2)
+        )
         plain_lp = await collect(engine, with_lp)
         spec_lp = await collect(engine, replace(with_lp, prediction_tokens=predicted(engine)))
         assert drafts(engine)["prediction"][1] > 0

@@ -1,4 +1,5 @@
-"""Speculative decoding's parts, on a tiny random Llama (no real model): drafters, the
+"""Speculative decoding's parts, on a tiny random Llama (no real model): drafters (the draft
+model's too), the
 acceptance rule's distribution, and the batched verification with its KV cache re-alignment.
 """
 
@@ -13,6 +14,7 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models import llama
 from mlx_lm.sample_utils import make_sampler
 
+from trioserve.engine.draft_model import ModelDrafter
 from trioserve.engine.prefill_gate import install_prefill_gates
 from trioserve.engine.sampling import SeededSampler
 from trioserve.engine.speculation import (
@@ -233,3 +235,52 @@ def test_batched_verification_gives_the_tokens_of_plain_decoding(spoil):
         assert accepted < proposed  # rows did reject, and so were re-aligned
     # The same prefill, and verification passes never stop at the prefill gates.
     assert len(checkpoints) == 2 * prefill_checkpoints
+
+
+# -- the draft model's drafter -----------------------------------------------------------------
+
+
+def _greedy(model: nn.Module, tokens: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens after ``tokens``, from a fresh cache: what drafts should be."""
+    drafter = ModelDrafter(model, chunk=10_000)
+    drafter.observe(tokens[:-1])
+    return drafter.propose_after(tokens[-1], n)
+
+
+def test_the_draft_model_reads_the_prompt_in_chunks_then_drafts_greedily():
+    model = _tiny_model()
+    prompt = [random.Random(1).randrange(VOCAB) for _ in range(11)]
+    drafter = ModelDrafter(model, chunk=4)
+    drafter.observe(prompt)
+    pending = 5
+    assert drafter.propose_after(pending, 4) == []  # 12 tokens to read, 4 per call
+    assert drafter.propose_after(pending, 4) == []
+    drafts = drafter.propose_after(pending, 4)
+    assert drafts == _greedy(model, [*prompt, pending], 4)
+
+
+def test_the_draft_model_forgets_rejected_drafts():
+    """After a verification that took two drafts and then drew another token, the next
+    drafts are those of a fresh draft cache over the sequence as it now stands."""
+    model = _tiny_model()
+    prompt = [random.Random(2).randrange(VOCAB) for _ in range(8)]
+    drafter = ModelDrafter(model, chunk=100)
+    drafter.observe(prompt)
+    first = drafter.propose_after(7, 5)
+    assert len(first) == 5
+    other = (first[2] + 1) % VOCAB  # the model drew something else than the third draft
+    drafter.observe([7, *first[:2]])
+    again = drafter.propose_after(other, 5)
+    assert again == _greedy(model, [*prompt, 7, *first[:2], other], 5)
+
+
+def test_draft_tokens_beyond_the_models_vocabulary_are_cut():
+    model = _tiny_model()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    full = _greedy(model, prompt, 6)
+    # A "vocabulary size" that the largest draft does not fit under: the drafts end before
+    # its first occurrence, which the verifying model never sees.
+    k = full.index(max(full))
+    drafter = ModelDrafter(model, chunk=100, vocab_size=max(full))
+    drafter.observe(prompt[:-1])
+    assert drafter.propose_after(prompt[-1], 6) == full[:k]
