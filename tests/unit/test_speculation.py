@@ -1,6 +1,6 @@
 """Speculative decoding's parts, on a tiny random Llama (no real model): drafters (the draft
-model's too), the
-acceptance rule's distribution, and the batched verification with its KV cache re-alignment.
+model's too), the acceptance rule's distribution, and the batched verification with its KV
+cache re-alignment.
 """
 
 from __future__ import annotations
