@@ -226,12 +226,14 @@ def machine_line() -> str:
 
 
 def openblas_path() -> str | None:
-    """The libopenblas that trioserve preloads (cmeel-openblas), for LD_PRELOAD of others."""
+    """The OpenBLAS that trioserve loads on this CPU (cmeel-openblas's libopenblas, or the
+    scipy-openblas32 shim where cmeel's build cannot run), for LD_PRELOAD of other servers;
+    None if it loads none."""
     sys.path.insert(0, str(ROOT))
-    from trioserve.blas import _find_openblas  # import-light: does not import mlx
+    import trioserve  # noqa: F401  (its import picks and loads one; import-light: no mlx)
+    from trioserve.blas import loaded_library
 
-    path = _find_openblas()
-    return str(path) if path else None
+    return loaded_library()
 
 
 def default_model_dir() -> Path:

@@ -392,6 +392,13 @@ def main(argv: list[str] | None = None, *, worker_factory: Any = None) -> int:
     several = config is not None and bool(config.models)  # each resolved when it loads
     try:
         resolved = None if several else _resolve(args)
+        if config is not None and config.draft_model:  # its errors in one line too, now
+            import dataclasses
+
+            from trioserve.models.sources import resolve
+
+            draft = resolve(config.draft_model, dtype=args.dtype, progress=_progress)
+            config = dataclasses.replace(config, draft_model=str(draft.path))
         if getattr(args, "chat_template", None) is not None:  # fail now, not per request
             from trioserve.models.chat_template import read_chat_template
 

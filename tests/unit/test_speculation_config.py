@@ -65,3 +65,13 @@ def test_a_draft_model_with_another_tokenizer_is_refused():
         check_same_tokenizer(ours, _Tokenizer({"a": 0, "c": 1, "</s>": 2}, {2}))
     with pytest.raises(DraftModelMismatch, match="end-of-sequence"):
         check_same_tokenizer(ours, _Tokenizer({"a": 0, "b": 1, "</s>": 2}, {1}))
+
+
+def test_a_missing_draft_model_is_a_one_line_error(capsys, model_dir, tmp_path):
+    from trioserve.cli import main
+
+    missing = tmp_path / "no-such-draft"
+    assert main(["serve", "--model", str(model_dir), "--draft-model", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {missing}: no such model directory" in err
+    assert "Traceback" not in err

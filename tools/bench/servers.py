@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench_common import ROOT, mapped_libraries, openblas_path
@@ -31,7 +32,61 @@ def blas_env(args: argparse.Namespace) -> dict[str, str]:
     return {"OPENBLAS_NUM_THREADS": threads} if threads else {}
 
 
-def _server(name: str, argv: list[str], port: int, env: dict[str, str], logs: Path):
+def trioserve_server(
+    model_dir: Path,
+    logs: Path,
+    env: dict[str, str],
+    slots: int,
+    *,
+    prefill_step_size: int = 64,
+    extra: Sequence[str] = (),
+    name: str = "trioserve",
+) -> ServerProcess:
+    """``trioserve serve`` on ``model_dir`` with ``slots`` slots (``extra``: more flags), on a
+    free port, logging to ``logs/NAME.log``; not started yet."""
+    port = free_port()
+    argv = [
+        *(sys.executable, "-m", "trioserve", "serve", "--model", str(model_dir)),
+        *("--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots)),
+        *("--prefill-step-size", str(prefill_step_size), "--log-level", "warning"),
+        *extra,
+    ]
+    return _server(name, argv, port, env, logs)
+
+
+def peer_server(
+    model_dir: Path,
+    logs: Path,
+    env: dict[str, str],
+    slots: int,
+    *,
+    prefill_step_size: int = 256,
+    extra: Sequence[str] = (),
+    name: str = "peer",
+) -> ServerProcess:
+    """``mlx_lm.server`` on ``model_dir`` with ``slots`` concurrent decodes and prefills, on
+    OpenBLAS (LD_PRELOAD of the one trioserve loads, on top of ``env``); not started yet.
+
+    Raises:
+        SystemExit: if trioserve loads no OpenBLAS here (the peer would run on the slow BLAS).
+    """
+    blas = openblas_path()
+    if blas is None:
+        raise SystemExit("trioserve loads no OpenBLAS here: the peer would run on the slow BLAS")
+    port = free_port()
+    argv = [
+        *(sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir)),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--decode-concurrency", str(slots), "--prompt-concurrency", str(slots)),
+        *("--prefill-step-size", str(prefill_step_size), "--log-level", "WARNING"),
+        *extra,
+    ]
+    return _server(name, argv, port, {**env, "LD_PRELOAD": blas}, logs)
+
+
+def _server(
+    name: str, argv: list[str], port: int, env: dict[str, str], logs: Path
+) -> ServerProcess:
     return ServerProcess(
         argv,
         port,
@@ -51,51 +106,11 @@ def make_servers(
     env = blas_env(args)
     servers = []
     if args.only in (None, "trioserve"):
-        port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "trioserve",
-            "serve",
-            "--model",
-            str(model_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--parallel",
-            str(slots),
-            "--prefill-step-size",
-            str(args.prefill_step_size),
-            "--log-level",
-            "warning",
-        ]
-        servers.append(_server("trioserve", argv, port, env, logs))
+        step = args.prefill_step_size
+        servers.append(trioserve_server(model_dir, logs, env, slots, prefill_step_size=step))
     if args.only in (None, "peer"):
-        blas = openblas_path()
-        if blas is None:
-            raise SystemExit("cmeel-openblas is not installed: the peer would run on the slow BLAS")
-        port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "mlx_lm.server",
-            "--model",
-            str(model_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--decode-concurrency",
-            str(slots),
-            "--prompt-concurrency",
-            str(slots),
-            "--prefill-step-size",
-            str(args.peer_prefill_step_size),
-            "--log-level",
-            "WARNING",
-        ]
-        servers.append(_server("peer", argv, port, {**env, "LD_PRELOAD": blas}, logs))
+        step = args.peer_prefill_step_size
+        servers.append(peer_server(model_dir, logs, env, slots, prefill_step_size=step))
     return servers
 
 
@@ -103,12 +118,14 @@ def check_blas(servers: list[ServerProcess]) -> None:
     """Every server really runs on OpenBLAS (read from its memory map); say which one.
 
     Raises:
-        RuntimeError: if one has no libopenblas mapped: the comparison would be unfair.
+        RuntimeError: if one has no OpenBLAS mapped: the comparison would be unfair.
     """
+    # The very file trioserve loads: numpy's own OpenBLAS is mapped in mlx-lm either way.
+    blas = Path(openblas_path() or "libopenblas").name
     for s in servers:
-        libs = mapped_libraries(s.pid, "libopenblas")
+        libs = mapped_libraries(s.pid, blas)
         if not libs:
-            raise RuntimeError(f"{s.name} has no libopenblas mapped: the comparison is unfair")
+            raise RuntimeError(f"{s.name} has no OpenBLAS mapped: the comparison is unfair")
         print(
             f"{s.name}: pid {s.pid}, {' '.join(s.argv[1:4])} ..., BLAS {libs[0]}",
             file=sys.stderr,
