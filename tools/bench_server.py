@@ -1,9 +1,12 @@
-"""trioserve beside mlx-lm's own server, over HTTP, on the same weights (issue 6 §1).
+"""trioserve beside mlx-lm's own server (and llama.cpp's), over HTTP, on one model (issue 6 §1).
 
-Why: mlx_lm.server is what a user would run instead. This starts both on one converted model
-directory (float32, OpenBLAS in both: LD_PRELOAD for the peer, checked in /proc/PID/maps),
-sends both the same streamed chat requests (temperature 0, max_tokens 128), interleaved, each
-figure ``--repeat`` times, and prints min, median and the trioserve / peer ratio of medians.
+Why: mlx_lm.server is what a user would run instead, and on Linux llama.cpp's llama-server
+(``--llama-server PATH``: a third column, on the GGUF file the model was converted from, with
+its own kernels and quantization). trioserve and the peer run one converted model directory
+(float32, OpenBLAS in both: LD_PRELOAD for the peer, checked in /proc/PID/maps). Every server
+gets the same streamed chat requests (temperature 0, max_tokens 128), interleaved, each figure
+``--repeat`` times; the report has min, median and the ratios of medians, trioserve / peer
+and trioserve / llama-server.
 It also measures the limit with no HTTP (raw mlx-lm, through tools/bench_engine.py).
 
 Timing is client-side: tokens are the SSE chunks with content, stamped as they arrive. Every
@@ -19,6 +22,7 @@ Usage:
     .venv/bin/python tools/bench_server.py [--repeat 3] [--json OUT] [--plot OUT.png]
     .venv/bin/python tools/bench_server.py --quick            # a smoke check, a few minutes
     .venv/bin/python tools/bench_server.py --only trioserve   # or --only peer
+    .venv/bin/python tools/bench_server.py --llama-server "$(tools/build_llama_server.sh)"
 """
 
 from __future__ import annotations
@@ -48,6 +52,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, help="per request (default 128; --quick: 32)")
     p.add_argument("--quick", action="store_true", help="a smoke check: fewer, shorter runs")
     p.add_argument("--only", choices=SERVER_NAMES, help="run one server only")
+    p.add_argument(
+        "--llama-server",
+        type=Path,
+        metavar="PATH",
+        help="llama.cpp's llama-server binary: a third column (tools/build_llama_server.sh"
+        " builds one)",
+    )
+    p.add_argument(
+        "--gguf",
+        type=Path,
+        help="the GGUF file llama-server serves (default: the embedded model's; needed with"
+        " --model)",
+    )
     p.add_argument("--json", type=Path, help="write every raw figure here")
     p.add_argument("--plot", type=Path, help="write a PNG (needs matplotlib)")
     p.add_argument(
@@ -96,6 +113,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--start-timeout", type=float, default=120.0)
     p.add_argument("--deadline-min", type=float, default=120.0, help="the whole run's bound")
     args = p.parse_args()
+    if args.only == "llama-server" and not args.llama_server:
+        p.error("--only llama-server needs --llama-server PATH")
+    if args.llama_server and args.model and not args.gguf:
+        p.error("with --model, say which GGUF file llama-server serves: --gguf")
+    if args.llama_server and not args.llama_server.is_file():
+        p.error(f"--llama-server {args.llama_server}: no such file")
     if unknown := set(args.scenarios) - set(SCENARIOS):
         p.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     q = args.quick

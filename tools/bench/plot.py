@@ -15,8 +15,8 @@ from .report import median_prompt, summary
 from .results import Results
 from .workloads import CONCURRENCY
 
-COLORS = {"trioserve": "tab:blue", "peer": "tab:orange"}
-LABELS = {"trioserve": "trioserve", "peer": "mlx_lm.server"}
+COLORS = {"trioserve": "tab:blue", "peer": "tab:orange", "llama-server": "tab:green"}
+LABELS = {"trioserve": "trioserve", "peer": "mlx_lm.server", "llama-server": "llama-server (GGUF)"}
 
 
 def plot(
@@ -65,7 +65,8 @@ def plot(
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_ylim(bottom=0)
-    fig.suptitle(f"SmolLM2-135M float32, median of {args.repeat}; {machine_line()}", fontsize=8)
+    weights = "float32 (llama-server: the GGUF as it is)" if args.llama_server else "float32"
+    fig.suptitle(f"SmolLM2-135M {weights}, median of {args.repeat}; {machine_line()}", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"plot written to {out}", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""The report: one row per figure, min and median per server, the trioserve / peer ratio of
-medians and the goal (issue 6), then the in-process limit."""
+"""The report: one row per figure, min and median per server, trioserve's ratio of medians to
+each other server and the goal (issue 6), then the in-process limit."""
 
 from __future__ import annotations
 
@@ -115,7 +115,11 @@ def print_report(
     headers = ["figure", "unit"]
     for n in names:
         headers += [f"{n} min", f"{n} med"]
-    headers += ["ratio t/p", "goal"]
+    # Ratios of trioserve's median to each other server's that ran.
+    others = [(n, "t/p" if n == "peer" else "t/llama") for n in names if n != "trioserve"]
+    if "trioserve" not in names:
+        others = []
+    headers += [f"ratio {label}" for _, label in others] + ["goal"]
     rows = []
     for f in figures(args):
         cells = [_label(results, f), f.unit]
@@ -123,16 +127,22 @@ def print_report(
             s = table[n][f.key]
             digits = 0 if f.unit == "MiB" else 1 if f.unit in ("ms", "tok/s") else 2
             cells += [fmt(s["min"], digits), fmt(s["median"], digits)]
-        if len(names) == 2:
+        for other, _ in others:
             cells.append(
-                fmt(ratio(table["trioserve"][f.key]["median"], table["peer"][f.key]["median"]))
+                fmt(ratio(table["trioserve"][f.key]["median"], table[other][f.key]["median"]))
             )
-        else:
-            cells.append("—")
         cells.append(f.goal)
         rows.append(cells)
     print_table(headers, rows)
-    print("ratio t/p = trioserve median / peer median. Goals (issue 6): ratios unless 'abs'.")
+    print(
+        "ratio t/p = trioserve median / peer median, t/llama = trioserve / llama-server."
+        " Goals (issue 6): t/p unless 'abs'."
+    )
+    if "llama-server" in names:
+        print(
+            "llama-server serves the GGUF file as it is (its quantization, ggml's kernels);"
+            " trioserve and the peer run its float32 conversion."
+        )
     if limits:
         _print_limits(table, names, limits)
 

@@ -59,7 +59,7 @@ class Bench:
                     started = time.perf_counter()
                     await step(server)
                     print(
-                        f"  [rep {rep + 1}/{self.args.repeat}] {server.name:<9} {name:<20} "
+                        f"  [rep {rep + 1}/{self.args.repeat}] {server.name:<12} {name:<20} "
                         f"{time.perf_counter() - started:6.1f} s  {self.results.last_tokens()}",
                         file=sys.stderr,
                     )

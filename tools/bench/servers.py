@@ -1,9 +1,13 @@
-"""The two servers, on one converted model directory: trioserve and mlx-lm's own server.
+"""The servers, on one model: trioserve, mlx-lm's own server and, when a binary is given,
+llama.cpp's llama-server.
 
-Both run float32 weights on OpenBLAS (the peer through LD_PRELOAD, checked in
-/proc/PID/maps once it runs) with the same OpenBLAS thread count, one slot per stream of the
-largest workload, on 127.0.0.1, each with its log in a file. They run in sessions of their
-own (Ctrl-C reaches only the driver, which stops them) and die with the driver.
+trioserve and the peer run the converted model directory's float32 weights on OpenBLAS (the
+peer through LD_PRELOAD, checked in /proc/PID/maps once it runs) with the same OpenBLAS thread
+count. llama-server serves the GGUF file that directory was converted from, as it is (its own
+CPU kernels on the file's quantization, every core unless ``--blas-threads`` is given): what a
+Linux user who picks it would run. Each has one slot per stream of the largest workload, on
+127.0.0.1, with its log in a file; all run in sessions of their own (Ctrl-C reaches only the
+driver, which stops them) and die with the driver.
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ from pathlib import Path
 
 from bench_common import ROOT, mapped_libraries, openblas_path
 
+from trioserve.models.registry import default_gguf_path
 from trioserve.testing import ServerProcess, free_port
 
-SERVER_NAMES = ("trioserve", "peer")
+SERVER_NAMES = ("trioserve", "peer", "llama-server")
+# llama-server's context per slot: the longest prompt of the workloads (3000 tokens) plus
+# the background streams' 2048 tokens, rounded up.
+LLAMA_SLOT_CONTEXT = 6144
 
 
 def blas_env(args: argparse.Namespace) -> dict[str, str]:
@@ -84,6 +92,27 @@ def peer_server(
     return _server(name, argv, port, {**env, "LD_PRELOAD": blas}, logs)
 
 
+def llama_server(
+    binary: Path,
+    gguf: Path,
+    logs: Path,
+    slots: int,
+    *,
+    threads: int | None = None,
+    name: str = "llama-server",
+) -> ServerProcess:
+    """llama.cpp's ``llama-server`` on ``gguf`` with ``slots`` parallel sequences (continuous
+    batching, its default), ``LLAMA_SLOT_CONTEXT`` tokens each, its own chat template from the
+    file; ``threads``: ``--threads`` (default: llama.cpp's choice); not started yet."""
+    port = free_port()
+    argv = [
+        *(str(binary), "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port)),
+        *("--parallel", str(slots), "--ctx-size", str(slots * LLAMA_SLOT_CONTEXT)),
+        *(("--threads", str(threads)) if threads else ()),
+    ]
+    return _server(name, argv, port, {}, logs)
+
+
 def _server(
     name: str, argv: list[str], port: int, env: dict[str, str], logs: Path
 ) -> ServerProcess:
@@ -102,7 +131,8 @@ def _server(
 def make_servers(
     args: argparse.Namespace, model_dir: Path, logs: Path, slots: int
 ) -> list[ServerProcess]:
-    """The servers ``--only`` asks for (both by default), not started yet."""
+    """The servers ``--only`` asks for (trioserve and the peer by default, and llama-server
+    when ``--llama-server`` names its binary), not started yet."""
     env = blas_env(args)
     servers = []
     if args.only in (None, "trioserve"):
@@ -111,6 +141,10 @@ def make_servers(
     if args.only in (None, "peer"):
         step = args.peer_prefill_step_size
         servers.append(peer_server(model_dir, logs, env, slots, prefill_step_size=step))
+    if args.llama_server and args.only in (None, "llama-server"):
+        gguf = args.gguf or default_gguf_path()
+        threads = args.blas_threads
+        servers.append(llama_server(args.llama_server, gguf, logs, slots, threads=threads))
     return servers
 
 
@@ -123,6 +157,9 @@ def check_blas(servers: list[ServerProcess]) -> None:
     # The very file trioserve loads: numpy's own OpenBLAS is mapped in mlx-lm either way.
     blas = Path(openblas_path() or "libopenblas").name
     for s in servers:
+        if s.name == "llama-server":  # ggml's own kernels: no BLAS to check
+            print(f"{s.name}: pid {s.pid}, {' '.join(s.argv[1:5])} ...", file=sys.stderr)
+            continue
         libs = mapped_libraries(s.pid, blas)
         if not libs:
             raise RuntimeError(f"{s.name} has no OpenBLAS mapped: the comparison is unfair")
