@@ -38,7 +38,9 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert d.propose(3) == [7, 8, 9]
     d.observe([7, 8])  # the copy goes on: the drafter follows it without searching
     assert d.propose(4) == [9, 1, 2, 5]
-    d.observe([42])  # a token the source does not continue with: no match any more
+    d.observe([42])  # one token in place of the source's (a rename): the copy resumes after it
+    assert d.propose(4) == [1, 2, 5, 6]
+    d.observe([43, 44])  # two misses in a row: no match any more
     assert d.propose(4) == []
 
 
@@ -53,7 +55,9 @@ def test_prediction_drafts_from_the_start_and_finds_its_place_again():
         "prediction", source=[1, 2, 3, 4, 5, 6, 7, 8], ngram_min=2, ngram_max=3, start_ptr=0
     )
     assert d.propose(3) == [1, 2, 3]
-    d.observe([1, 2, 99])  # the answer left the prediction
+    d.observe([1, 2, 99])  # the answer put 99 in place of 3: the prediction resumes after it
+    assert d.propose(3) == [4, 5, 6]
+    d.observe([97, 98])  # the answer left the prediction
     assert d.propose(3) == []
     d.observe([5, 6])  # and came back to it
     assert d.propose(3) == [7, 8]

@@ -38,8 +38,9 @@ verify are capped for the whole batch (``step_budget``), so many streams draft l
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import mlx.core as mx
@@ -111,6 +112,7 @@ class LookupDrafter:
         self._index: dict[tuple[int, ...], int] = {}
         self._history: list[int] = []
         self.ptr: int | None = start_ptr
+        self._resume: int | None = None  # where a followed match resumes past one miss
         if not self._self_source:
             self._index_all(self._source)
 
@@ -128,11 +130,15 @@ class LookupDrafter:
     def observe(self, tokens: Sequence[int]) -> None:
         """Tokens now part of the sequence, in order."""
         for t in tokens:
+            resume = None
             if self.ptr is not None:
                 if self.ptr < len(self._source) and self._source[self.ptr] == t:
                     self.ptr += 1
                 else:
-                    self.ptr = None
+                    # Where no n-gram matches, the token may have replaced the source's
+                    # (a renamed name, an edited number): the text after it is the guess.
+                    resume, self.ptr = self.ptr + 1, None
+            self._resume = resume
             self._history.append(t)
             if self._self_source:
                 self._source.append(t)
@@ -143,6 +149,9 @@ class LookupDrafter:
             return []
         if self.ptr is None or self.ptr >= len(self._source):
             self.ptr = self._search()
+            if self.ptr is None and self._resume is not None:
+                self.ptr = self._resume if self._resume < len(self._source) else None
+            self._resume = None
         if self.ptr is None:
             return []
         return self._source[self.ptr : self.ptr + k]
@@ -237,15 +246,24 @@ class SpecRow:
         return getattr(self.drafter, "needs_pending", False)
 
     def draft(self, limit: int, pending: int | None = None) -> list[int]:
-        """Up to ``limit`` tokens to follow the pending token. A lookup drafter is not told
-        it (it is still being computed): it proposes one more, its guess of the pending
-        token, and that one is dropped (a wrong guess only costs acceptance: every draft is
-        verified). A draft model is given it (``needs_pending``)."""
+        """Up to ``limit`` tokens to follow the pending token, ``pending`` where it is known.
+
+        A draft model is given it (``needs_pending``). A lookup drafter that is given it sees
+        it as the sequence's next token (it is: every step feeds the pending token first),
+        so after a rejected draft it looks for the text that follows the model's own choice.
+        Where the pending token is still being computed (after a plain, pipelined step) a
+        lookup drafter proposes one token more, its guess of the pending one, and that one
+        is dropped (a wrong guess only costs acceptance: every draft is verified)."""
         if limit <= 0:
             return []
-        if pending is not None and self.needs_pending:
-            return self.drafter.propose_after(pending, min(self.k, limit))
-        return self.drafter.propose(min(self.k, limit) + 1)[1:]
+        k = min(self.k, limit)
+        if pending is None:
+            return self.drafter.propose(k + 1)[1:]
+        if self.needs_pending:
+            return self.drafter.propose_after(pending, k)
+        self.drafter.observe([pending])
+        self.seen += 1  # the next catch_up starts after it
+        return self.drafter.propose(k)
 
     @property
     def last_method(self) -> str:
@@ -371,13 +389,20 @@ def make_spec_row(
 # -- the batch ----------------------------------------------------------------------------
 
 
+_NO_PENDING: Mapping[int, int] = MappingProxyType({})
+
+
 class SpecGenerationBatch(GenerationBatch):
     """mlx-lm's generation batch, with a speculative step when some row has a draft."""
 
     spec: SpecBatchGenerator | None = None  # set by the generator that owns this batch
+    _known_pending: Mapping[int, int] = _NO_PENDING
 
     def next(self) -> list[Any]:
         owner = self.spec
+        # Pending tokens the last speculative step chose on the host, by uid; any step
+        # (this one) makes them stale.
+        known, self._known_pending = self._known_pending, _NO_PENDING
         if not self.uids or owner is None or not owner.rows:
             return super().next()
         rows = [owner.rows.get(uid) for uid in self.uids]
@@ -392,9 +417,9 @@ class SpecGenerationBatch(GenerationBatch):
         width_cap = owner.config.step_budget // len(self.uids)
         if width_cap < 2:
             return super().next()
-        # The pending token is still being computed: drafts come from the tokens before it
-        # (its first token a guess of the pending one, dropped), so nothing waits here and
-        # a step without drafts keeps mlx-lm's pipelining.
+        # After a plain step the pending token is still being computed: lookup drafts come
+        # from the tokens before it (see SpecRow.draft), so nothing waits here and a step
+        # without drafts keeps mlx-lm's pipelining. After a speculative step it is known.
         drafts: list[list[int]] = [[] for _ in self.uids]
         # A draft model is told the pending token, so it waits for this step's last one;
         # its own forward passes would queue behind it on the same stream anyway.
@@ -407,7 +432,7 @@ class SpecGenerationBatch(GenerationBatch):
                 row.catch_up(self.tokens[i])
                 # Never past max_tokens: pending is one token, each accepted draft another.
                 room = self.max_tokens[i] - self._num_tokens[i] - 1
-                after = pending[i] if pending is not None else None
+                after = pending[i] if pending is not None else known.get(self.uids[i])
                 drafts[i] = row.draft(min(width_cap - 1, room), after)
             except Exception as exc:  # a drafter's bug costs its sequence, not the batch
                 drafts[i] = []
@@ -508,6 +533,7 @@ class SpecGenerationBatch(GenerationBatch):
         self._realign(width, kept)
         self._next_tokens = mx.array(new_pending)
         self._next_logprobs = new_pending_lp
+        self._known_pending = {self.uids[i]: new_pending[i] for i in keep}
 
         out = []
         for i, t, lp, finish in responses:
