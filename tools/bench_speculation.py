@@ -92,12 +92,17 @@ def _speculation_fields(column: str) -> dict[str, Any]:
     return {"speculation": column}
 
 
-def edit_body(max_tokens: int, column: str, nonce: str) -> dict[str, Any]:
+def edit_prompt(nonce: str) -> str:
+    """The edit workload's whole prompt (the chat template written out)."""
     ask = (
         f"[{nonce}] Rename the class `Inventory` to `Stock` in this file and return the whole file."
     )
+    return TEMPLATE.format(user=f"{ask}\n\n```python\n{SOURCE}```")
+
+
+def edit_body(max_tokens: int, column: str, nonce: str) -> dict[str, Any]:
     return {
-        "prompt": TEMPLATE.format(user=f"{ask}\n\n```python\n{SOURCE}```"),
+        "prompt": edit_prompt(nonce),
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,

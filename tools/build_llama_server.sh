@@ -25,7 +25,7 @@ done
 src="$out/src"
 mkdir -p "$src"
 if [ ! -f "$src/CMakeLists.txt" ]; then
-    python3 -m pip download --quiet --no-deps --no-binary :all: \
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==${version}" -d "$out" >&2
     tar -xzf "$out/llama_cpp_python-${version}.tar.gz" -C "$out"
     # The sdist's vendor/llama.cpp holds the whole llama.cpp tree, tools/server included.

@@ -5,6 +5,7 @@ cache re-alignment.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import mlx.core as mx
@@ -83,6 +84,34 @@ def test_a_row_that_keeps_missing_pauses_its_drafting():
     for _ in range(20):
         row.record(6, 5)
         assert row.pause == 0
+
+
+def test_by_default_a_row_that_never_hits_still_tries_every_few_steps():
+    """The defaults pause at most 8 steps, so a copy that starts late is found soon, and a
+    row whose drafts always fail drafts on about one step in five (a short, cheap draft)."""
+    row = SpecRow(
+        LookupDrafter(PROMPT_LOOKUP, source=None, ngram_min=1, ngram_max=4),
+        SpeculationConfig(mode=PROMPT_LOOKUP),
+    )
+    drafting_steps = []
+    for step in range(200):
+        if row.wants_draft():
+            drafting_steps.append(step)
+            row.record(row.k, 0)
+    gaps = [b - a for a, b in itertools.pairwise(drafting_steps)]
+    assert max(gaps) <= 1 + SpeculationConfig().max_pause
+    assert 20 <= len(drafting_steps) <= 60
+    assert row.k == 1  # what it keeps trying is one token
+
+
+def test_prompt_lookup_matches_a_single_token_by_default():
+    config = SpeculationConfig()
+    d = LookupDrafter(
+        PROMPT_LOOKUP, source=None, ngram_min=config.ngram_min, ngram_max=config.ngram_max
+    )
+    d.observe([7, 8, 9, 4, 5])
+    d.observe([9])  # only the last token matches earlier text
+    assert d.propose(2) == [4, 5]
 
 
 # -- the acceptance rule -------------------------------------------------------------------
