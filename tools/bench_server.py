@@ -33,12 +33,14 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import trio
 from bench.limits import measure_limits
 from bench.plot import plot
 from bench.report import print_report, summary
+from bench.results import Results
 from bench.run import Bench
 from bench.servers import SERVER_NAMES, make_servers
 from bench.workloads import CONCURRENCY, SCENARIOS
@@ -112,7 +114,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--idle-timeout", type=float, default=180.0)
     p.add_argument("--start-timeout", type=float, default=120.0)
     p.add_argument("--deadline-min", type=float, default=120.0, help="the whole run's bound")
+    p.add_argument(
+        "--replot",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: draw --plot from the figures a run wrote with --json",
+    )
     args = p.parse_args()
+    if args.replot and not args.plot:
+        p.error("--replot needs --plot OUT.png")
     if args.only == "llama-server" and not args.llama_server:
         p.error("--only llama-server needs --llama-server PATH")
     if args.llama_server and args.model and not args.gguf:
@@ -131,8 +141,22 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def replot(saved: Path, out: Path) -> int:
+    """The plot of an earlier run, from its --json figures (matplotlib may be installed
+    after the run)."""
+    data = json.loads(saved.read_text())
+    results = Results(list(data["values"]))
+    results.values = data["values"]
+    results.prompt_sizes = data["prompt_tokens"]
+    servers = [SimpleNamespace(name=name) for name in data["values"]]
+    plot(results, servers, argparse.Namespace(**data["args"]), out, machine=data["machine"])
+    return 0
+
+
 def main() -> int:
     args = parse_args()
+    if args.replot:
+        return replot(args.replot, args.plot)
     args.model_dir = args.model or default_model_dir()
     from transformers import AutoTokenizer  # the same tokenizer files both servers load
 

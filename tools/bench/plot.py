@@ -20,8 +20,13 @@ LABELS = {"trioserve": "trioserve", "peer": "mlx_lm.server", "llama-server": "ll
 
 
 def plot(
-    results: Results, servers: list[ServerProcess], args: argparse.Namespace, out: Path
+    results: Results,
+    servers: list[ServerProcess],
+    args: argparse.Namespace,
+    out: Path,
+    machine: str | None = None,
 ) -> None:
+    """Throughput and TTFT per server; ``machine`` is the run's machine line (default: now)."""
     try:
         import matplotlib
 
@@ -66,7 +71,9 @@ def plot(
         ax.legend(fontsize=8)
         ax.set_ylim(bottom=0)
     weights = "float32 (llama-server: the GGUF as it is)" if args.llama_server else "float32"
-    fig.suptitle(f"SmolLM2-135M {weights}, median of {args.repeat}; {machine_line()}", fontsize=8)
+    fig.suptitle(
+        f"SmolLM2-135M {weights}, median of {args.repeat}; {machine or machine_line()}", fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     print(f"plot written to {out}", file=sys.stderr)
