@@ -8,10 +8,11 @@ a time, as the single-stream figures run), measures on the same machine what a p
 and a speculative step of each width cost, and replays the outputs through trioserve's own
 ``SpecRow``/``LookupDrafter`` (the code the server runs) for a grid of settings.
 
-The estimate is the sum of step costs: a step without a draft costs what a plain step does; a
-step verifying ``k`` drafts costs a plain step plus the measured extra for width ``k + 1``.
-It is a model (it leaves out batch numerics and the pipelining the real step keeps); use it
-to rank settings, then confirm the chosen one with bench_speculation.py.
+The estimate is the sum of step costs: a step without a draft costs a pipelined plain step
+(mlx-lm builds the next step's graph while this one computes); a step verifying ``k`` drafts
+costs a synchronous step of width ``k + 1`` (it needs its tokens on the host before the
+next step can start). It is a model (it leaves out batch numerics and the host work of each
+step); use it to rank settings, then confirm the chosen one with bench_speculation.py.
 
 Usage:
     .venv/bin/python tools/replay_speculation.py record OUT.json [--tokens 256] [--prompts 2]
@@ -48,7 +49,7 @@ async def _record_outputs(model_dir: Path, tokens: int, prompts: int) -> list[di
     from trioserve.engine.events import TokenDelta
     from trioserve.engine.params import GenerationRequest
     from trioserve.engine.scheduler import Engine, EngineConfig
-    from trioserve.models.chat_template import chat_prompt_tokens
+    from trioserve.models.chat_template import chat_prompt_tokens, completion_prompt_tokens
     from trioserve.models.loading import load_model
 
     engine = Engine(EngineConfig(load=lambda: load_model(model_dir), parallel=1))
@@ -58,7 +59,7 @@ async def _record_outputs(model_dir: Path, tokens: int, prompts: int) -> list[di
         tok = engine.tokenizer
         cases = []
         for i in range(prompts):
-            prompt = tok.encode(edit_prompt(f"r{i}"), add_special_tokens=False)
+            prompt = completion_prompt_tokens(tok, edit_prompt(f"r{i}"))  # as /v1/completions
             cases.append(("edit", prompt))
             cases.append(("chat", chat_prompt_tokens(tok, story_messages(i, f"r{i}"))))
         for workload, prompt in cases:
@@ -82,8 +83,9 @@ async def _record_outputs(model_dir: Path, tokens: int, prompts: int) -> list[di
 
 
 def _measure_step_costs(model_dir: Path, context: int, reps: int = 15) -> dict[str, float]:
-    """Median ms of one step of each width on a ``context``-token cache (the model as the
-    server runs it: trioserve's BLAS and CPU kernels)."""
+    """Median ms of one step on a ``context``-token cache (the model as the server runs it:
+    trioserve's BLAS and CPU kernels): "plain" pipelined as mlx-lm decodes, and each width
+    of ``WIDTHS`` evaluated at once, as a speculative step is."""
     import mlx.core as mx
     from mlx_lm.models.cache import BatchKVCache
 
@@ -108,6 +110,18 @@ def _measure_step_costs(model_dir: Path, context: int, reps: int = 15) -> dict[s
                 c.trim(width)
         costs[str(width)] = 1000 * statistics.median(times)
         print(f"width {width:2d}: {costs[str(width)]:.0f} ms", flush=True)
+    times = []
+    token = mx.argmax(model(mx.array([[5]]), cache=cache)[:, -1], axis=-1)
+    mx.async_eval(token)
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        following = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
+        mx.async_eval(following)
+        token.tolist()
+        token = following
+        times.append(time.perf_counter() - t0)
+    costs["plain"] = 1000 * statistics.median(times)
+    print(f"plain, pipelined: {costs['plain']:.0f} ms", flush=True)
     return costs
 
 
@@ -124,18 +138,15 @@ def record(args: argparse.Namespace) -> int:
 # -- replay -------------------------------------------------------------------------------
 
 
-def _extra_ms(step_ms: dict[str, float], width: int) -> float:
-    """What a step of ``width`` costs beyond a plain one, interpolated between the widths
-    measured (never below zero: a wide step is not cheaper than a plain one)."""
-    points = sorted((int(w), ms) for w, ms in step_ms.items())
-    plain = points[0][1]
+def _wide_ms(step_ms: dict[str, float], width: int) -> float:
+    """A speculative step of ``width``, interpolated between the widths measured (and
+    extrapolated past the widest)."""
+    points = sorted((int(w), ms) for w, ms in step_ms.items() if w != "plain")
     for (w0, m0), (w1, m1) in itertools.pairwise(points):
         if width <= w1:
-            ms = m0 + (m1 - m0) * (width - w0) / (w1 - w0)
-            return max(0.0, ms - plain)
-    w0, m0 = points[-2]
-    w1, m1 = points[-1]
-    return max(0.0, m1 + (m1 - m0) * (width - w1) / (w1 - w0) - plain)
+            return m0 + (m1 - m0) * (width - w0) / (w1 - w0)
+    (w0, m0), (w1, m1) = points[-2:]
+    return m1 + (m1 - m0) * (width - w1) / (w1 - w0)
 
 
 def replay(
@@ -154,7 +165,7 @@ def replay(
         prompt_tokens=prompt, prediction_tokens=prediction, speculation="prompt-lookup"
     )
     row = make_spec_row(req, config, sampler=None, fault=None, has_processors=False)
-    plain = step_ms["1"]
+    plain = step_ms["plain"]
     pos, known, spent, steps = 0, False, 0.0, 0
     while pos < len(out):
         steps += 1
@@ -169,7 +180,7 @@ def replay(
             continue
         accepted = accept_point_draft(out[pos + 1 :], draft)
         row.record(len(draft), accepted)
-        spent += plain + _extra_ms(step_ms, len(draft) + 1)
+        spent += _wide_ms(step_ms, len(draft) + 1)
         pos, known = pos + 1 + accepted, True
     return len(out) * plain / spent, steps
 
@@ -177,7 +188,7 @@ def replay(
 def replay_grid(args: argparse.Namespace) -> int:
     data = json.loads(args.file.read_text())
     step_ms, records = data["step_ms"], data["records"]
-    print("step ms by width:", {w: round(ms) for w, ms in step_ms.items()})
+    print("step ms (plain; speculative by width):", {w: round(ms) for w, ms in step_ms.items()})
     default = SpeculationConfig(mode="prompt-lookup")
     grid = itertools.product((1, 2, 3), (0.0, 0.2, 0.5, 1.0), (8, 32, 256), (10, 16))
     rows = []
@@ -196,7 +207,9 @@ def replay_grid(args: argparse.Namespace) -> int:
                 figures[r["workload"]].append(replay(r, config, step_ms, n)[0])
                 if r["workload"] == "edit":
                     figures["prediction"].append(replay(r, config, step_ms, n, r["prediction"])[0])
-        mark = "*" if config == replace(default, step_budget=config.step_budget) else " "
+        settings = (ngram_min, min_yield, max_pause, num_draft)
+        defaults = (default.ngram_min, default.min_yield, default.max_pause, default.num_draft)
+        mark = "*" if settings == defaults else " "
         rows.append(
             (
                 statistics.mean(figures["edit"]),
