@@ -204,7 +204,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--blas-threads",
         type=int,
-        help="OPENBLAS_NUM_THREADS for every server (default: what trioserve picks)",
+        help="OPENBLAS_NUM_THREADS for every server (default: none; trioserve then runs "
+        "--blas-threads auto, mlx_lm.server OpenBLAS's default of every core)",
     )
     p.add_argument("--json", type=Path, help="write every raw figure here")
     p.add_argument("--server-arg", action="append", default=[], help="passed to trioserve")

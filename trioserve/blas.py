@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,8 @@ _FIX_HINT = (
 )
 
 _loaded_path: str | None = None
+# OPENBLAS_NUM_THREADS as the user set it before trioserve was imported (None: unset).
+_user_threads: str | None = os.environ.get("OPENBLAS_NUM_THREADS")
 _loaded_label: str | None = None
 _reason: str | None = None  # why no fast BLAS was loaded
 _skipped: list[str] = []  # candidates that were passed over, and why
@@ -347,12 +350,14 @@ def preload_fast_blas() -> str | None:
         elif "mlx" in sys.modules or "mlx.core" in sys.modules:
             _reason = "mlx was imported before trioserve, too late to load OpenBLAS"
         else:
-            # One BLAS thread unless the user says otherwise: with two, OpenBLAS's
-            # spin-waiting collapsed when the cores were shared (measured here: four
-            # 666-token prompts took 150 s instead of 17 s while other work ran), and a
-            # server always shares them with its own HTTP thread. Both candidates read
-            # this variable (scipy-openblas32 keeps OpenBLAS's environment names); set
-            # before the probe, so that it measures what will run.
+            # OpenBLAS starts with one thread unless the user says otherwise: with two,
+            # its spin-waiting collapsed when the cores were shared (measured here: four
+            # 666-token prompts took 150 s instead of 17 s while other work ran); the
+            # engine adds threads at run time while cores are free (--blas-threads,
+            # engine/blas_threads.py). Both candidates read this variable at load
+            # (scipy-openblas32 keeps OpenBLAS's names); set before the probe, so that it
+            # measures what will run, and taken away after the load, so that child
+            # processes (another server, a benchmark's peer) do not take it for the user's.
             os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
             found, missing = _candidates()
             chosen, notes = choose_blas(found)
@@ -369,12 +374,44 @@ def preload_fast_blas() -> str | None:
                     _loaded_path, _loaded_label = str(path), label
     except Exception as exc:  # never let a speed-up break startup
         _reason = f"cannot load OpenBLAS: {type(exc).__name__}: {exc}"
+    finally:
+        if _user_threads is None:
+            os.environ.pop("OPENBLAS_NUM_THREADS", None)
     return _loaded_path
+
+
+def user_thread_count() -> str | None:
+    """OPENBLAS_NUM_THREADS as the user set it before trioserve was imported, or None."""
+    return _user_threads
 
 
 def loaded_library() -> str | None:
     """The path `preload_fast_blas()` loaded (cmeel's libopenblas or the shim), or None."""
     return _loaded_path
+
+
+# OpenBLAS's run-time thread count, under its own name or scipy-openblas32's prefixed one.
+_SET_THREADS_NAMES = ("openblas_set_num_threads", "scipy_openblas_set_num_threads")
+
+
+def thread_setter() -> Callable[[int], None] | None:
+    """The loaded OpenBLAS's ``openblas_set_num_threads``, or None (no fast BLAS loaded).
+
+    Looked up through the loaded file's handle, which also searches what it depends on: the
+    shim forwards to scipy-openblas32, whose library exports the prefixed name."""
+    if _loaded_path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(_loaded_path)
+    except OSError:
+        return None
+    for name in _SET_THREADS_NAMES:
+        fn = getattr(lib, name, None)
+        if fn is not None:
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int]
+            return fn
+    return None
 
 
 class _DlInfo(ctypes.Structure):

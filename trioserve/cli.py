@@ -253,6 +253,16 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         help="the most draft tokens one sequence proposes per step (default: %(default)s)",
     )
     p.add_argument(
+        "--blas-threads",
+        default=None,
+        metavar="auto|N",
+        help="OpenBLAS threads per matmul. auto: the cores other processes leave free, "
+        "checked every 0.5 s and changed between steps (faster on an otherwise quiet "
+        "machine, one thread as soon as something else is busy); N: always N. Default: "
+        "OPENBLAS_NUM_THREADS if set, else auto. 1 and 2 threads round some sums "
+        "differently, so a greedy answer may (rarely) differ with the count",
+    )
+    p.add_argument(
         "--max-queue",
         type=int,
         default=64,
@@ -539,6 +549,7 @@ FLAGS = {
     "speculation": "--speculation",
     "speculation_draft_tokens": "--speculation-draft-tokens",
     "draft_model": "--draft-model",
+    "blas_threads": "--blas-threads",
     "queue_timeout_s": "--queue-timeout",
     "send_timeout_s": "--send-timeout",
     "shutdown_grace_s": "--shutdown-grace",
@@ -590,6 +601,7 @@ def _serve_config(args: argparse.Namespace, model_dir: Path | None = None):  # -
         speculation=args.speculation,
         speculation_draft_tokens=args.speculation_draft_tokens,
         draft_model=args.draft_model,
+        blas_threads=args.blas_threads,
         queue_timeout_s=args.queue_timeout or None,  # 0: no limit
         send_timeout_s=args.send_timeout,
         shutdown_grace_s=args.shutdown_grace,

@@ -91,6 +91,10 @@ class ServerConfig:
     # step. ``draft_model``: a model source (as ``model``) with the same tokenizer.
     speculation: str = "off"
     speculation_draft_tokens: int = 10
+    # OpenBLAS threads per matmul: "auto" (the cores other processes leave free, chosen
+    # between steps; engine/blas_threads.py), a count, or None: the user's
+    # OPENBLAS_NUM_THREADS if set, else auto.
+    blas_threads: str | None = None
     draft_model: str | None = None
     max_queue: int | None = 64  # requests waiting for a slot before 429; None: unbounded
     queue_timeout_s: float | None = 300.0  # longest wait for a slot; None: no limit
@@ -214,6 +218,11 @@ def _validate(c: ServerConfig) -> None:
             f"must be one of {', '.join(SPECULATION_MODES)}, got {c.speculation!r}",
         )
     _at_least("speculation_draft_tokens", c.speculation_draft_tokens, 1)
+    if c.blas_threads is not None and c.blas_threads != "auto":
+        if not (c.blas_threads.isdigit() and 1 <= int(c.blas_threads) <= 256):
+            raise ConfigError(
+                "blas_threads", f"must be auto or a count from 1 to 256, got {c.blas_threads!r}"
+            )
     if c.speculation == "draft-model" and not c.draft_model:
         raise ConfigError("speculation", "draft-model needs a draft model: give --draft-model")
     if c.max_queue is not None:

@@ -128,6 +128,13 @@ class Metrics:
             labels,
             registry=r,
         )
+        self._blas_threads = Gauge(
+            "trioserve_blas_threads",
+            "OpenBLAS threads per matmul now (--blas-threads; auto follows what other "
+            "processes leave free); 0: not set by trioserve (OPENBLAS_NUM_THREADS at start)",
+            labels,
+            registry=r,
+        )
         self._loaded = (
             Gauge("trioserve_model_loaded", "1 while the model is loaded", labels, registry=r)
             if per_model
@@ -142,6 +149,7 @@ class Metrics:
             (self._waiting, attrgetter("queue_length")),
             (self._running, attrgetter("slots_busy")),
             (self._kv_usage, attrgetter("kv_cache_usage")),
+            (self._blas_threads, attrgetter("worker.blas_threads")),
         )
         self._per_model = per_model
         self._engine_stats = engine_stats

@@ -49,6 +49,9 @@ BAD = [
     ({"allowed_hosts": ("http://proxy.example/",)}, "not URLs"),
     ({"allowed_hosts": "proxy.example"}, "allowed_hosts must be a list"),
     ({"cors_origins": ("a b",)}, "cors_origins"),
+    ({"blas_threads": "0"}, "blas_threads must be auto or a count from 1 to 256"),
+    ({"blas_threads": "two"}, "blas_threads must be auto or a count"),
+    ({"blas_threads": 2}, "blas_threads must be a string"),
 ]
 
 
@@ -75,6 +78,8 @@ def test_bad_values_are_config_errors(values, needle):
         {"allowed_hosts": ("proxy.example", "*.corp.example", "*")},
         {"log_level": "DEBUG", "default_temperature": 0},
         {"model": Path("/m"), "chat_template": Path("t.jinja")},
+        {"blas_threads": "auto"},
+        {"blas_threads": "2"},
     ],
 )
 def test_good_values(values):
@@ -162,6 +167,7 @@ def test_cli_flags_reach_the_config():
         (["--ctx-size", "4"], "--ctx-size must be at least 16"),
         (["--port", "70000"], "--port must be between 1 and 65535"),
         (["--allowed-hosts", "http://x/"], "--allowed-hosts takes host names"),
+        (["--blas-threads", "many"], "--blas-threads must be auto or a count from 1 to 256"),
     ],
 )
 def test_cli_prints_one_line_and_exits_2(capsys, argv, message):

@@ -66,6 +66,19 @@ def test_the_protocol_gauges_read_the_queue_the_busy_slots_and_the_kv_usage():
     assert values[("trioserve_slots_busy", ())] == 1
 
 
+def test_the_blas_thread_gauge_reads_the_worker_and_zero_when_trioserve_never_set_it():
+    worker = WorkerSnapshot(blas_threads=2, blas_thread_changes=3)
+    chosen = EngineStats(True, 2, 0, 0, worker, context_tokens=1000)
+    assert (
+        samples(Metrics(lambda: [("m", chosen)]).render().decode())[("trioserve_blas_threads", ())]
+        == 2
+    )
+    assert (
+        samples(Metrics(lambda: [("m", stats())]).render().decode())[("trioserve_blas_threads", ())]
+        == 0
+    )
+
+
 def test_their_form_is_what_an_endpoint_picker_reads():
     """Gauges (the protocol's type), one unlabelled series each for one model, named in vLLM's
     form (``<server>:<name>``, a valid Prometheus name), with a help text that defines them."""

@@ -30,8 +30,9 @@ LLAMA_SLOT_CONTEXT = 6144
 
 
 def blas_env(args: argparse.Namespace) -> dict[str, str]:
-    """The same OpenBLAS thread count for every process: ``--blas-threads``, else the one
-    trioserve picks for itself (importing trioserve sets a default when none is set)."""
+    """``--blas-threads`` (or the user's OPENBLAS_NUM_THREADS) as the same fixed OpenBLAS
+    thread count for every process; none: each server as it runs out of the box (trioserve
+    ``--blas-threads auto``, mlx_lm.server OpenBLAS's default of every core)."""
     import trioserve  # noqa: F401
 
     threads = (

@@ -37,6 +37,7 @@ from trioserve.api.errors import (
 from trioserve.api.models import REQUEST_END_KEY
 from trioserve.api.routes import routes
 from trioserve.api.state import AppState, app_state
+from trioserve.blas import user_thread_count
 from trioserve.config import ConfigError, ModelEntry, ServerConfig
 from trioserve.drain import Drain
 from trioserve.engine.pool import ModelFacts, ModelPool, ServedModel
@@ -199,6 +200,11 @@ def engine_config(
     group = current_group()
     shard = group.group if group is not None else None
     extra = {"worker_factory": worker_factory} if worker_factory is not None else {}
+    blas_threads = _blas_threads(config)
+    if group is not None and blas_threads == "auto":
+        # Every rank keeps the count it started with, so that a layer each rank computes
+        # for itself rounds alike everywhere (else their tokens could differ).
+        blas_threads = None
     load_draft = None
     if config.draft_model and group is None:  # the ranks do not draft (yet)
         draft_dir = _resolve(config, config.draft_model).path
@@ -218,8 +224,30 @@ def engine_config(
             load_draft=load_draft,
         ),
         context_tokens=config.context_limit(context_length),
+        blas_threads=blas_threads,
         **extra,
     )
+
+
+def _blas_threads(config: ServerConfig) -> int | str | None:
+    """The engine's BLAS thread setting: ``--blas-threads``, else the user's
+    OPENBLAS_NUM_THREADS (left as OpenBLAS read it), else ``auto``. ``auto`` changes
+    OpenBLAS's one process-wide count between its own steps only, so it needs to be the only
+    engine computing: with several models loaded at once it falls back to one thread."""
+    setting = config.blas_threads
+    if setting is None:
+        if user_thread_count() is not None:
+            return None
+        setting = "auto"
+    if setting != "auto":
+        return setting
+    if len(config.models) > 1 and config.max_loaded_models > 1:
+        logging.getLogger("trioserve").warning(
+            "--blas-threads auto needs one loaded model at a time (--max-loaded-models 1); "
+            "using one BLAS thread"
+        )
+        return 1
+    return "auto"
 
 
 def _run_callbacks_at_request_end(asgi_app: Callable[..., Any]) -> Callable[..., Any]:

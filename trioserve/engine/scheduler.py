@@ -266,6 +266,8 @@ class EngineConfig:
     # Prompt plus output tokens one request may hold (so one slot's KV cache at most): the
     # capacity ``EngineStats.kv_cache_usage`` is measured against; 0: not known.
     context_tokens: int = 0
+    # OpenBLAS's thread count: "auto", a count, or None (leave it as the process started).
+    blas_threads: int | str | None = None
     # The seam for tests: builds the worker from its config and the Trio scheduling call.
     worker_factory: WorkerFactory = field(default=Worker)
 
@@ -278,6 +280,7 @@ class EngineConfig:
             prefix_cache_bytes=self.prefix_cache_bytes,
             speculation=self.speculation,
             load=self.load,
+            blas_threads=self.blas_threads,
         )
 
 

@@ -41,6 +41,8 @@ import mlx.core as mx
 import trio
 from mlx_lm.generate import BatchGenerator
 
+from trioserve.blas import thread_setter
+from trioserve.engine.blas_threads import BlasThreads
 from trioserve.engine.constraints import make_constraint_processor
 from trioserve.engine.cpu_kernels import install_cpu_kernels
 from trioserve.engine.draft_model import DraftModel, load_draft_model
@@ -112,6 +114,10 @@ class WorkerSnapshot:
     idle: bool = False  # nothing to compute, and the memory it used is handed back
     # Speculative decoding, per draft method: (method, draft tokens proposed, accepted).
     speculation: tuple[tuple[str, int, int], ...] = ()
+    # OpenBLAS threads per matmul now, and how often ``--blas-threads auto`` changed it;
+    # 0: the count was not set by the engine (OPENBLAS_NUM_THREADS as the process started).
+    blas_threads: int = 0
+    blas_thread_changes: int = 0
 
 
 # Called on the Trio thread with the step's events and the state after the step.
@@ -149,6 +155,7 @@ class WorkerConfig:
     prefix_cache_bytes: int = 0  # 0 turns prefix reuse off
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     load: Callable[[], tuple[Any, Any]] = field(default=lambda: (None, None))
+    blas_threads: int | str | None = None  # engine/blas_threads.py; None: leave it alone
 
 
 class Worker:
@@ -170,6 +177,7 @@ class Worker:
         self._gen: BatchGenerator | None = None
         self._prefix = PrefixCache(config.prefix_cache_bytes)
         self._draft_totals: dict[str, Any] = {}  # draft counts, kept across fresh batches
+        self._blas: BlasThreads | None = None  # set on the thread, once the model is loaded
 
     # -- thread entry -------------------------------------------------------------------
 
@@ -201,6 +209,7 @@ class Worker:
         self._load_draft_model()
         self._after_load()
         self._gen = self._new_generator()
+        self._blas = _blas_threads(self._config.blas_threads)
         self._warm_up()
         self._schedule(on_ready, self._tokenizer)
         try:
@@ -431,6 +440,8 @@ class Worker:
     def _step(self, events: list[tuple[Ticket, Event]]) -> None:
         try:
             self._choose_prefill_step()
+            if self._blas is not None:
+                self._blas.before_step(self._wait_idle)
             prompt_responses, generation_responses = self._next()
             self._after_next(generation_responses)
             self._count_drafts()
@@ -460,6 +471,10 @@ class Worker:
                 self._on_token(seq, r, events)
             except Exception as exc:
                 self._fail_one(seq, exc, events)
+
+    def _wait_idle(self) -> None:
+        """Block until MLX has finished the step in flight (mlx-lm runs one step ahead)."""
+        mx.synchronize(self._gen._stream)
 
     def _count_drafts(self) -> None:
         counts = getattr(self._gen, "counts", None)
@@ -621,8 +636,28 @@ class Worker:
             steps=self._snapshot.steps + 1,
             prompt_tokens=stats.prompt_tokens,
             generated_tokens=stats.generation_tokens,
+            blas_threads=self._blas.threads if self._blas is not None else 0,
+            blas_thread_changes=self._blas.changes if self._blas is not None else 0,
         )
         return self._snapshot
+
+
+def _blas_threads(setting: int | str | None) -> BlasThreads | None:
+    """The thread-count keeper for ``setting``, or None: no setting, or no OpenBLAS to set."""
+    if setting is None:
+        return None
+    set_threads = thread_setter()
+    if set_threads is None:
+        log.info("BLAS threads: not settable (no OpenBLAS loaded); %s ignored", setting)
+        return None
+    keeper = BlasThreads(set_threads, setting)
+    log.info(
+        "BLAS threads: %s",
+        f"auto (the free ones of {keeper.cores} cores, checked every 0.5 s)"
+        if keeper.auto
+        else keeper.threads,
+    )
+    return keeper
 
 
 def _guard_processor(box: _FaultBox, processor: Callable) -> Callable:
