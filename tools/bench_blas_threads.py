@@ -19,12 +19,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import trio
 from bench_common import (
@@ -60,11 +60,6 @@ class Neighbour:
         self._proc.wait()
 
 
-def _keeper(engine: Any) -> Any:
-    """The engine's BLAS thread keeper (the worker's, read for the report only)."""
-    return getattr(engine._worker, "_blas", None)
-
-
 async def _one_setting(
     setting: str, model_dir: Path, jobs: list[tuple[str, list[list[int]]]], args: argparse.Namespace
 ) -> dict[tuple[str, str], dict]:
@@ -83,7 +78,7 @@ async def _one_setting(
         )
         await nursery.start(engine.run)
         for neighbour in NEIGHBOURS:
-            context = Neighbour() if neighbour == "busy" else _Quiet()
+            context = Neighbour() if neighbour == "busy" else contextlib.nullcontext()
             with context:
                 for workload, prompts in jobs:
                     await trio.sleep(0.6 if setting == "auto" else 0)  # a fresh sample
@@ -91,10 +86,9 @@ async def _one_setting(
                     started = time.perf_counter()
                     result = await engine_run(engine, prompts, max_tokens)
                     result["wall_s"] = time.perf_counter() - started
-                    keeper = _keeper(engine)
-                    if keeper is not None:
-                        result["threads_at_end"] = keeper.threads
-                        result["changes"] = keeper.changes
+                    worker = engine.stats().worker
+                    result["threads_at_end"] = worker.blas_threads
+                    result["changes"] = worker.blas_thread_changes
                     results[(neighbour, workload)] = result
                     print(
                         f"  {setting:>4} {neighbour:5} {workload}: {_brief(result)}",
@@ -102,14 +96,6 @@ async def _one_setting(
                     )
         nursery.cancel_scope.cancel()
     return results
-
-
-class _Quiet:
-    def __enter__(self) -> _Quiet:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _brief(result: dict) -> str:
