@@ -53,3 +53,31 @@ def test_the_off_switch_keeps_mlx_lm_s_layers(model_dir: Path, monkeypatch):
     monkeypatch.setenv("TRIOSERVE_NO_CPU_KERNELS", "1")
     assert install_cpu_kernels(model) is False
     assert type(model.layers[0].self_attn) is llama.Attention
+
+
+def test_one_decoding_sequence_takes_mlx_s_ops_and_a_prefill_chunk_ours(
+    model_dir: Path, monkeypatch
+):
+    from trioserve.engine import cpu_kernels
+
+    model, tokenizer = load_model(model_dir)
+    assert install_cpu_kernels(model) is True
+    calls = {"attention": 0, "swiglu": 0}
+
+    def counted(name):
+        kernel = getattr(cpu_kernels, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return kernel(*args, **kwargs)
+
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(cpu_kernels, name, counted(name))
+    tokens = tokenizer.encode("The history of the river valley, told slowly. " * 10)
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.array([tokens]), cache=cache))  # a prefill chunk: ours, every layer
+    assert calls == {"attention": len(model.layers), "swiglu": len(model.layers)}
+    mx.eval(model(mx.array([tokens[-1:]]), cache=cache))  # one decode step: MLX's
+    assert calls == {"attention": len(model.layers), "swiglu": len(model.layers)}
