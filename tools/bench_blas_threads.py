@@ -81,7 +81,8 @@ async def _one_setting(
             context = Neighbour() if neighbour == "busy" else contextlib.nullcontext()
             with context:
                 for workload, prompts in jobs:
-                    await trio.sleep(0.6 if setting == "auto" else 0)  # a fresh sample
+                    # auto's next sample spans this pause: it sees the neighbour, or none.
+                    await trio.sleep(0.6 if setting == "auto" else 0)
                     max_tokens = 1 if workload == "prefill" else args.max_tokens
                     started = time.perf_counter()
                     result = await engine_run(engine, prompts, max_tokens)

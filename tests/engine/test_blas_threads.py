@@ -9,7 +9,7 @@ import sys
 import pytest
 import trio
 
-from tests.engine.conftest import chat_request, collect, finish_of
+from tests.engine.conftest import chat_request, collect, finish_of, tokens_of
 from trioserve.blas import thread_setter
 from trioserve.engine.blas_threads import read_cpu_seconds, usable_cores
 
@@ -36,7 +36,7 @@ async def generate_until(engine, predicate, timeout_s: float) -> list[int]:
         while not predicate(engine.stats().worker.blas_threads):
             events = await collect(engine, chat_request(engine, NUMBERS, max_tokens=24))
             assert finish_of(events).reason == "length"
-            counts.append(sum(1 for e in events if hasattr(e, "token")))
+            counts.append(len(tokens_of(events)))
     return counts
 
 
